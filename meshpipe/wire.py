@@ -54,7 +54,9 @@ def kind_byte(kind: int) -> bytes:
     return bytes(((WIRE_VERSION << 4) | kind,))
 
 
-def encode_data(dst: bytes, src: bytes, payload: bytes, hop_limit: int = DEFAULT_HOP_LIMIT) -> bytes:
+def encode_data(
+    dst: bytes, src: bytes, payload: bytes, hop_limit: int = DEFAULT_HOP_LIMIT
+) -> bytes:
     return DATA_HEADER.pack((WIRE_VERSION << 4) | KIND_DATA, hop_limit, dst, src) + payload
 
 
@@ -79,22 +81,36 @@ def with_hop_limit(frame: bytes, hop_limit: int) -> bytes:
 
 def encode_control(kind: int, body: Any) -> bytes:
     """A control-plane frame: kind byte + msgpack body."""
-    return kind_byte(kind) + msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return kind_byte(kind) + packed
 
 
 def decode_control(frame: bytes) -> Any:
     """Decode the msgpack body of a control frame; any damage becomes FrameError."""
     if len(frame) > MAX_FRAME:
         raise FrameError("frame too large")
+    return unpack_body(frame[1:])
+
+
+def unpack_body(data: bytes) -> Any:
+    """Decode one msgpack object that must fill ``data`` exactly (nested signed bodies too)."""
+    if len(data) > MAX_FRAME:
+        raise FrameError("body too large")
     try:
         return msgpack.unpackb(
-            frame[1:],
+            data,
             raw=False,
             strict_map_key=True,
             max_buffer_size=MAX_FRAME,
         )
     except Exception as exc:  # msgpack raises many types for damaged input
         raise FrameError(f"bad control body: {type(exc).__name__}") from exc
+
+
+def pack_body(body: Any) -> bytes:
+    """msgpack with binary strings kept binary (the inverse of unpack_body)."""
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 def expect_bytes(value: Any, length: int, what: str) -> bytes:

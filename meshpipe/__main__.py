@@ -1,0 +1,5 @@
+import sys
+
+from meshpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""The `meshpipe` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from meshpipe import __version__
+from meshpipe.errors import MeshpipeError
+
+DEFAULT_CONFIG = "/etc/meshpipe/meshpipe.toml"
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return str(args.config or os.environ.get("MESHPIPE_CONFIG") or DEFAULT_CONFIG)
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    from meshpipe.config import load_config
+
+    return load_config(_config_path(args)).node.control_socket
+
+
+def _ask(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
+    from meshpipe_workers.control_client import request
+
+    return request(_control_path(args), cmd, **kw)
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        human(data)
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from meshpipe.identity import Identity
+
+    ident = Identity.generate()
+    ident.write(args.out)
+    print(ident.sid)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from meshpipe.config import write_starter_config
+
+    path, ident = write_starter_config(
+        args.dir,
+        listen=args.listen,
+        peers=args.peer or [],
+        name=args.name,
+        discovery=args.discovery,
+    )
+    print(f"wrote {path}")
+    print(f"sid:  {ident.sid}")
+    print(f"ipv6: {ident.sid.ipv6()}")
+    print(f"start the node with: meshpipe run -c {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshpipe_workers.supervisor import Supervisor
+
+    from meshpipe import log
+    from meshpipe.config import load_config
+    from meshpipe.identity import Identity
+
+    cfg = load_config(_config_path(args))
+    identity = Identity.load(cfg.node.key)
+    log.configure(node=identity.sid.short, role="supervisor", level=cfg.node.log_level)
+    return Supervisor(cfg, _config_path(args), identity).run()
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "id"), lambda d: print(f"sid:  {d['sid']}\nipv6: {d['ipv6']}"))
+    return 0
+
+
+def _fmt_peers(peers: list[dict[str, Any]]) -> None:
+    if not peers:
+        print("no neighbours")
+        return
+    rows = [
+        [
+            p["sid"][:16],
+            p["iface"],
+            p["addr"],
+            f"{p['rtt_ms']:.1f}",
+            f"{100 * p['loss_in']:.0f}%",
+            f"{100 * p['loss_out']:.0f}%",
+            str(p["cost"]),
+        ]
+        for p in peers
+    ]
+    _print_table(rows, ["NEIGHBOUR", "IFACE", "ADDRESS", "RTT_MS", "LOSS_IN", "LOSS_OUT", "COST"])
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "peers"), _fmt_peers)
+    return 0
+
+
+def _fmt_routes(routes: list[dict[str, Any]]) -> None:
+    if not routes:
+        print("no routes")
+        return
+    rows = [[r["sid"][:16], r["next_hop"][:16], str(r["hops"]), str(r["metric"])] for r in routes]
+    _print_table(rows, ["DESTINATION", "NEXT_HOP", "HOPS", "METRIC"])
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "routes"), _fmt_routes)
+    return 0
+
+
+def _fmt_status(s: dict[str, Any]) -> None:
+    print(f"node      {s['sid']}")
+    if s.get("name"):
+        print(f"name      {s['name']}")
+    print(f"ipv6      {s['ipv6']}")
+    print(f"uptime    {s['uptime_s']} s")
+    print(f"neighbours {s['neighbours']}, routes {s['routes']}")
+    for w in s.get("supervisor", {}).get("workers", []):
+        print(f"worker    {w['role']:<24} pid {w['pid']}  restarts {w['restarts']}")
+    drops = {k: v for k, v in s["counters"].items() if k.startswith("drop.")}
+    if drops:
+        print("drops     " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "status"), _fmt_status)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshpipe", description="meshpipe mesh-overlay node")
+    p.add_argument("--version", action="version", version=f"meshpipe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def node_cmd(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument(
+            "-c", "--config", help=f"config file (default {DEFAULT_CONFIG}, or $MESHPIPE_CONFIG)"
+        )
+        sp.add_argument(
+            "--json", action="store_true", help="machine-readable output (stable fields)"
+        )
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = sub.add_parser("keygen", help="write a new node key file (mode 0600) and print its SID")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_keygen)
+
+    sp = sub.add_parser("init", help="write a key and a commented starter config into DIR")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("--listen", default="127.0.0.1:7700", help="UDP HOST:PORT to bind")
+    sp.add_argument("--peer", action="append", help="static peer HOST:PORT (repeatable)")
+    sp.add_argument("--name", help="human label for this node")
+    sp.add_argument("--discovery", action="store_true", help="enable LAN multicast discovery")
+    sp.set_defaults(fn=cmd_init)
+
+    sp = node_cmd("run", cmd_run, "run the node (supervisor and workers) in the foreground")
+    node_cmd("status", cmd_status, "node summary, workers and counters")
+    node_cmd("peers", cmd_peers, "neighbours with link quality")
+    node_cmd("routes", cmd_routes, "selected routes")
+    node_cmd("id", cmd_id, "this node's SID and overlay IPv6 address")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.fn(args)
+        return rc
+    except MeshpipeError as exc:
+        print(f"meshpipe: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

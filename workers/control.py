@@ -1,0 +1,370 @@
+"""Control worker: runs the sans-IO node core and serves the control socket.
+
+It owns the clock: it feeds the core frames from the interface workers and timer
+wake-ups, executes the actions the core returns (frames to send, forwarding-table
+updates for the data plane, log events), and answers CLI requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from meshpipe.node import InterfaceParams, NodeCore, Timing
+from meshpipe_workers import messages as msg
+from meshpipe_workers.ring import Ring, RingSpec
+
+from meshpipe import __version__, log
+from meshpipe.actions import MULTICAST, Action, Deliver, Event, ForwardingChanged, SendFrame
+from meshpipe.config import Config, load_config
+from meshpipe.errors import MeshpipeError
+from meshpipe.identity import Identity
+
+STATS_PERIOD = 30.0
+MAX_REQUEST = 64 * 1024
+
+
+def interface_params(cfg: Config) -> list[InterfaceParams]:
+    return [
+        InterfaceParams(
+            name=i.name,
+            mtu=i.mtu,
+            flood_dest=MULTICAST if i.discovery else None,
+            static_peers=tuple(i.peers),
+        )
+        for i in cfg.interfaces
+    ]
+
+
+def timing(cfg: Config) -> Timing:
+    t = cfg.timing
+    return Timing(
+        hello_interval=t.hello_interval,
+        neighbour_timeout=t.neighbour_timeout,
+        update_interval=t.update_interval,
+        route_expiry=t.route_expiry,
+    )
+
+
+class ControlServer:
+    """Newline-delimited JSON requests on a Unix stream socket, one reply each."""
+
+    def __init__(
+        self, path: str, sel: selectors.BaseSelector, handler: Callable[[dict[str, Any]], Any]
+    ):
+        self.path = path
+        self.sel = sel
+        self.handler = handler
+        self.buffers: dict[socket.socket, bytearray] = {}
+        _remove_stale_socket(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the control socket is for the node's own user only
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        sel.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        self.buffers[conn] = bytearray()
+        self.sel.register(conn, selectors.EVENT_READ, lambda c=conn: self._read(c))
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        buf = self.buffers[conn]
+        buf += data
+        if b"\n" not in buf and data and len(buf) < MAX_REQUEST:
+            return
+        line = bytes(buf).split(b"\n", 1)[0]
+        reply = self._answer(line)
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ValueError("request must be an object with a string 'cmd'")
+        except ValueError as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        try:
+            return {"ok": True, "result": self.handler(req)}
+        except MeshpipeError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bad request must not take the node down
+            log.get().error("control.error", cmd=req.get("cmd"), error=repr(exc))
+            return {"ok": False, "error": f"internal error: {exc!r}"}
+
+    def _close(self, conn: socket.socket) -> None:
+        self.sel.unregister(conn)
+        self.buffers.pop(conn, None)
+        conn.close()
+
+    def close(self) -> None:
+        for conn in list(self.buffers):
+            self._close(conn)
+        self.sel.unregister(self.sock)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead node; refuse to start beside a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise MeshpipeError(f"another node is already running on control socket {path}")
+
+
+class ControlWorker:
+    def __init__(self, cfg: Config, identity: Identity, rings: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.log = log.get()
+        self.started = time.monotonic()
+        self.core = NodeCore(identity, interface_params(cfg), timing(cfg), now=self.started)
+        self.counters: Counter[str] = Counter()
+        self.sel = selectors.DefaultSelector()
+        # interface index -> list of (worker index, tx ring)
+        self.tx: dict[int, list[Ring]] = {}
+        self.rx: list[Ring] = []
+        self.worker_reports: dict[tuple[int, int], dict[str, Any]] = {}
+        self.supervisor_state: dict[str, Any] = {}
+        for w in rings["interfaces"]:
+            rx = Ring.attach(RingSpec.from_json(w["rx"]))
+            tx = Ring.attach(RingSpec.from_json(w["tx"]))
+            self.rx.append(rx)
+            self.tx.setdefault(int(w["iface"]), []).append(tx)
+            self.sel.register(rx.consumer_fd(), selectors.EVENT_READ, lambda r=rx: self._on_rx(r))
+        if "supervisor" in rings:
+            sup = Ring.attach(RingSpec.from_json(rings["supervisor"]))
+            self.rx.append(sup)
+            self.sel.register(sup.consumer_fd(), selectors.EVENT_READ, lambda r=sup: self._on_rx(r))
+        self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
+
+    # -- data from the interface workers ------------------------------------------
+
+    def _on_rx(self, ring: Ring) -> None:
+        ring.drain_wakeup()
+        while True:
+            batch = ring.get_batch()
+            if not batch:
+                return
+            now = time.monotonic()
+            for rec in batch:
+                self._handle_record(rec, now)
+
+    def _handle_record(self, rec: bytes, now: float) -> None:
+        tag = rec[0] if rec else -1
+        try:
+            if tag == msg.REC_FRAME_IN:
+                iface, addr, frame = msg.parse_frame_in(rec)
+                self.execute(self.core.on_frame(iface, addr, frame, now))
+            elif tag == msg.REC_WORKER_UP:
+                self._push_full_table(rec[1], rec[2])
+            elif tag == msg.REC_COUNTERS:
+                body = msg.unpacked(rec)
+                self.worker_reports[(int(body["iface"]), int(body["worker"]))] = body
+            elif tag == msg.REC_SUPERVISOR:
+                self.supervisor_state = msg.unpacked(rec)
+            else:
+                self.counters["drop.bad_record"] += 1
+        except Exception as exc:  # the core counts bad frames; this guards the record layer
+            self.counters["drop.bad_record"] += 1
+            self.log.error("control.bad_record", tag=tag, error=repr(exc))
+
+    # -- executing the core's actions ---------------------------------------------------
+
+    def execute(self, actions: Iterable[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendFrame):
+                self._send(a)
+            elif isinstance(a, Event):
+                self.log.info(a.name, **a.fields)
+            elif isinstance(a, ForwardingChanged):
+                self._push_forwarding(a.entries, full=False)
+            elif isinstance(a, Deliver):
+                # No application layer is bound yet (sessions and MDP come next).
+                self.counters["deliver.unbound"] += 1
+
+    def _send(self, a: SendFrame) -> None:
+        workers = self.tx.get(a.iface)
+        if not workers:
+            self.counters["drop.no_interface"] += 1
+            return
+        if a.dest == MULTICAST:
+            rec, ring = msg.multicast(a.frame), workers[0]
+        elif isinstance(a.dest, tuple):
+            rec, ring = msg.send(a.dest, a.frame), workers[hash(a.dest) % len(workers)]
+        else:
+            self.counters["drop.bad_dest"] += 1
+            return
+        if not ring.put(rec):
+            self.counters["drop.tx_queue_full"] += 1
+
+    def _push_forwarding(
+        self, entries: dict[bytes, Any], full: bool, only: Ring | None = None
+    ) -> None:
+        body = {
+            "full": full,
+            "entries": {
+                dst: None if hop is None else [hop[0], hop[1][0], hop[1][1]]
+                for dst, hop in entries.items()
+            },
+        }
+        rec = msg.packed(msg.REC_FORWARDING, body)
+        rings = [only] if only is not None else [r for rs in self.tx.values() for r in rs]
+        for ring in rings:
+            if not ring.put(rec):
+                self.counters["drop.tx_queue_full"] += 1
+
+    def _push_full_table(self, iface: int, worker: int) -> None:
+        rings = self.tx.get(iface, [])
+        if worker < len(rings):
+            table: dict[bytes, Any] = dict(self.core.forwarding_table())
+            self._push_forwarding(table, full=True, only=rings[worker])
+
+    # -- control API ----------------------------------------------------------------
+
+    def _handle_request(self, req: dict[str, Any]) -> Any:
+        cmd = req["cmd"]
+        handler = {
+            "id": self.api_id,
+            "status": self.api_status,
+            "peers": self.api_peers,
+            "routes": self.api_routes,
+        }.get(cmd)
+        if handler is None:
+            raise MeshpipeError(f"unknown command {cmd!r}")
+        return handler()
+
+    def api_id(self) -> dict[str, Any]:
+        sid = self.identity.sid
+        return {"sid": str(sid), "ipv6": str(sid.ipv6()), "name": self.cfg.node.name}
+
+    def api_peers(self) -> list[dict[str, Any]]:
+        return [n.as_json() for n in self.core.neighbours()]
+
+    def api_routes(self) -> list[dict[str, Any]]:
+        return [r.as_json() for r in self.core.routes()]
+
+    def api_status(self) -> dict[str, Any]:
+        counters = Counter(self.core.counters)
+        counters.update(self.counters)
+        workers = []
+        for (iface, worker), body in sorted(self.worker_reports.items()):
+            workers.append(
+                {
+                    "role": "interface",
+                    "iface": self.cfg.interfaces[iface].name,
+                    "worker": worker,
+                    "counters": body.get("counters", {}),
+                    "rx_queue_depth": body.get("rx_ring_depth", 0),
+                    "rx_queue_dropped": body.get("rx_ring_dropped", 0),
+                }
+            )
+        return {
+            **self.api_id(),
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "neighbours": len(self.core.neighbours()),
+            "routes": len(self.core.routes()),
+            "counters": dict(counters),
+            "workers": workers,
+            "supervisor": self.supervisor_state,
+        }
+
+    # -- main loop --------------------------------------------------------------------
+
+    def stats(self) -> None:
+        s = self.api_status()
+        self.log.info(
+            "stats",
+            neighbours=s["neighbours"],
+            routes=s["routes"],
+            counters=s["counters"],
+            workers=s["workers"],
+        )
+
+    def run(self) -> None:
+        stop = False
+
+        def _stop(_sig: int, _frm: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        self.log.info("control.start", control_socket=self.cfg.node.control_socket)
+        next_stats = time.monotonic() + STATS_PERIOD
+        self.execute(self.core.on_timer(time.monotonic()))
+        while not stop:
+            now = time.monotonic()
+            wake = min(self.core.next_deadline(), next_stats)
+            for key, _ in self.sel.select(max(0.0, min(wake - now, 1.0))):
+                key.data()
+            now = time.monotonic()
+            if now >= self.core.next_deadline():
+                self.execute(self.core.on_timer(now))
+            if now >= next_stats:
+                self.stats()
+                next_stats = now + STATS_PERIOD
+        self.server.close()
+        self.log.info("control.stop")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshpipe-control-worker")
+    p.add_argument("--config", required=True)
+    p.add_argument("--rings", required=True)
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    identity = Identity.load(cfg.node.key)
+    log.configure(node=identity.sid.short, role="control", level=cfg.node.log_level)
+    try:
+        worker = ControlWorker(cfg, identity, json.loads(a.rings))
+    except MeshpipeError as exc:
+        log.get().error("control.start_failed", error=str(exc))
+        return 3
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

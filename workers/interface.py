@@ -1,0 +1,269 @@
+"""Interface worker: owns one UDP socket, forwards transit frames, hands the rest up.
+
+It never opens a payload: a DATA frame for another node is forwarded by looking
+its destination up in the forwarding table the control worker pushes, with the hop
+limit decremented. Everything else (hellos, routing, DATA for this node, transit
+that leaves by another interface) goes to the control worker over the rx ring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+
+from meshpipe_workers import messages as msg
+from meshpipe_workers.ring import Ring, RingSpec
+
+from meshpipe import log, wire
+from meshpipe.config import InterfaceConfig, load_config
+
+RECV_BATCH = 256
+COUNTER_PERIOD = 1.0
+_DATA_BYTE = (wire.WIRE_VERSION << 4) | wire.KIND_DATA
+
+
+class InterfaceWorker:
+    def __init__(
+        self,
+        cfg: InterfaceConfig,
+        iface_index: int,
+        worker_index: int,
+        own_sid: bytes,
+        rx: Ring,
+        tx: Ring,
+        reuse_port: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.iface = iface_index
+        self.worker = worker_index
+        self.own_sid = own_sid
+        self.rx = rx
+        self.tx = tx
+        self.counters: Counter[str] = Counter()
+        self.forwarding: dict[bytes, tuple[int, msg.UdpAddr]] = {}
+        self.log = log.get()
+        self.sock = self._open_unicast(reuse_port)
+        self.mcast_sock: socket.socket | None = None
+        self.group: msg.UdpAddr | None = None
+        if cfg.discovery:
+            self.group = (cfg.multicast_group, cfg.listen[1])
+            self._setup_multicast_send()
+            if worker_index == 0:  # one receiver per interface, or every hello arrives N times
+                self.mcast_sock = self._open_multicast_recv()
+
+    # -- sockets ------------------------------------------------------------------
+
+    def _family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.cfg.listen[0] else socket.AF_INET
+
+    def _open_unicast(self, reuse_port: bool) -> socket.socket:
+        s = socket.socket(self._family(), socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            except OSError:
+                pass
+        s.bind(self.cfg.listen)
+        s.setblocking(False)
+        return s
+
+    def _setup_multicast_send(self) -> None:
+        # Hellos leave through this interface's address only, one hop (TTL 1), and
+        # do not loop back to ourselves.
+        assert self._family() == socket.AF_INET, "discovery is IPv4 multicast"
+        self.sock.setsockopt(
+            socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.cfg.listen[0])
+        )
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+
+    def _open_multicast_recv(self) -> socket.socket:
+        assert self.group is not None
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(self.group)
+        mreq = struct.pack(
+            "4s4s", socket.inet_aton(self.group[0]), socket.inet_aton(self.cfg.listen[0])
+        )
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        s.setblocking(False)
+        return s
+
+    # -- receive path ---------------------------------------------------------------
+
+    def on_readable(self, sock: socket.socket) -> None:
+        up: list[bytes] = []
+        for _ in range(RECV_BATCH):
+            try:
+                frame, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors surface here on some kernels
+                self.counters["rx.error"] += 1
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    self.log.warning("interface.rx_error", error=str(exc))
+                continue
+            self.counters["rx.frames"] += 1
+            self.counters["rx.bytes"] += len(frame)
+            src = (addr[0], addr[1])
+            if self._forward_transit(frame):
+                continue
+            up.append(msg.frame_in(self.iface, src, frame))
+        if up:
+            sent = self.rx.put_batch(up)
+            if sent < len(up):
+                self.counters["drop.queue_full"] += len(up) - sent
+
+    def _forward_transit(self, frame: bytes) -> bool:
+        """Forward a DATA frame for another node by table lookup; True if handled here."""
+        if len(frame) < wire.DATA_HEADER_LEN or frame[0] != _DATA_BYTE:
+            return False
+        dst = frame[2:34]
+        if dst == self.own_sid:
+            return False
+        hop = self.forwarding.get(dst)
+        if hop is None or hop[0] != self.iface:
+            return False  # no route or another interface: the control worker decides
+        hop_limit = frame[1]
+        if hop_limit <= 1:
+            self.counters["drop.hop_limit"] += 1
+            return True
+        self._sendto(wire.with_hop_limit(frame, hop_limit - 1), hop[1])
+        self.counters["transit.forwarded"] += 1
+        return True
+
+    # -- transmit path --------------------------------------------------------------
+
+    def _sendto(self, frame: bytes, addr: msg.UdpAddr) -> None:
+        try:
+            self.sock.sendto(frame, addr)
+            self.counters["tx.frames"] += 1
+            self.counters["tx.bytes"] += len(frame)
+        except (BlockingIOError, InterruptedError):
+            self.counters["drop.tx_busy"] += 1
+        except OSError:
+            self.counters["tx.error"] += 1
+
+    def on_tx_ring(self) -> None:
+        self.tx.drain_wakeup()
+        while True:
+            batch = self.tx.get_batch()
+            if not batch:
+                return
+            for rec in batch:
+                self._handle_tx(rec)
+
+    def _handle_tx(self, rec: bytes) -> None:
+        tag = rec[0] if rec else -1
+        try:
+            if tag == msg.REC_SEND:
+                addr, frame = msg.parse_send(rec)
+                self._sendto(frame, addr)
+            elif tag == msg.REC_MULTICAST:
+                if self.group is not None:
+                    self._sendto(rec[1:], self.group)
+            elif tag == msg.REC_FORWARDING:
+                body = msg.unpacked(rec)
+                if body.get("full"):
+                    self.forwarding.clear()
+                for dst, hop in body["entries"].items():
+                    if hop is None:
+                        self.forwarding.pop(dst, None)
+                    else:
+                        self.forwarding[dst] = (int(hop[0]), (str(hop[1]), int(hop[2])))
+            else:
+                self.counters["drop.bad_record"] += 1
+        except Exception as exc:  # a bad record must not kill the data plane
+            self.counters["drop.bad_record"] += 1
+            self.log.error("interface.bad_record", tag=tag, error=repr(exc))
+
+    def report_counters(self) -> None:
+        body = {
+            "iface": self.iface,
+            "worker": self.worker,
+            "counters": dict(self.counters),
+            "rx_ring_depth": self.rx.depth(),
+            "rx_ring_dropped": self.rx.dropped_full,
+        }
+        self.rx.put(msg.packed(msg.REC_COUNTERS, body))
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "sock")
+        if self.mcast_sock is not None:
+            sel.register(self.mcast_sock, selectors.EVENT_READ, "mcast")
+        sel.register(self.tx.consumer_fd(), selectors.EVENT_READ, "tx")
+        self.rx.put(msg.worker_up(self.iface, self.worker))
+        self.log.info(
+            "interface.start", iface=self.cfg.name, worker=self.worker, listen=_fmt(self.cfg.listen)
+        )
+        next_report = time.monotonic() + COUNTER_PERIOD
+        stop = False
+
+        def _stop(_sig: int, _frm: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        while not stop:
+            timeout = max(0.0, next_report - time.monotonic())
+            for key, _ in sel.select(timeout):
+                if key.data == "tx":
+                    self.on_tx_ring()
+                else:
+                    self.on_readable(key.fileobj)  # type: ignore[arg-type]
+            if time.monotonic() >= next_report:
+                self.report_counters()
+                next_report = time.monotonic() + COUNTER_PERIOD
+
+
+def _fmt(addr: msg.UdpAddr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshpipe-interface-worker")
+    p.add_argument("--config", required=True)
+    p.add_argument("--iface", type=int, required=True)
+    p.add_argument("--worker", type=int, required=True)
+    p.add_argument("--sid", required=True)
+    p.add_argument("--rings", required=True, help="JSON {rx: spec, tx: spec}")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    icfg = cfg.interfaces[a.iface]
+    sid = bytes.fromhex(a.sid)
+    log.configure(
+        node=sid.hex()[:8], role=f"interface:{icfg.name}:{a.worker}", level=cfg.node.log_level
+    )
+    rings = json.loads(a.rings)
+    rx = Ring.attach(RingSpec.from_json(rings["rx"]))
+    tx = Ring.attach(RingSpec.from_json(rings["tx"]))
+    try:
+        worker = InterfaceWorker(
+            icfg, a.iface, a.worker, sid, rx, tx, reuse_port=cfg.workers.per_interface > 1
+        )
+    except OSError as exc:
+        log.get().error(
+            "interface.bind_failed", iface=icfg.name, listen=_fmt(icfg.listen), error=str(exc)
+        )
+        return 3
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Records that travel on the shared-memory rings between worker processes.
+
+Each record starts with one tag byte. Link addresses of UDP interfaces are packed
+as (family, ip, port) so the per-frame path needs no msgpack; rare control
+records (forwarding tables, counters) are msgpack.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+import msgpack
+
+from meshpipe.errors import FrameError
+
+# interface worker -> control worker
+REC_FRAME_IN = 0x46  # 'F': u8 iface, addr, frame
+REC_WORKER_UP = 0x48  # 'H': u8 iface, u8 worker index; asks for a full forwarding table
+REC_COUNTERS = 0x4B  # 'K': msgpack {"iface":..., "worker":..., "counters": {...}}
+# supervisor -> control worker
+REC_SUPERVISOR = 0x57  # 'W': msgpack {"workers": [{role, pid, restarts, ...}]}
+# control worker -> interface worker
+REC_SEND = 0x53  # 'S': addr, frame
+REC_MULTICAST = 0x4D  # 'M': frame (to the interface's discovery group)
+REC_FORWARDING = 0x52  # 'R': msgpack {"full": bool, "entries": {dst: [iface, host, port] | None}}
+
+UdpAddr = tuple[str, int]
+
+_V4 = struct.Struct("!B4sH")
+_V6 = struct.Struct("!B16sH")
+
+
+def pack_addr(addr: UdpAddr) -> bytes:
+    ip = ipaddress.ip_address(addr[0])
+    if ip.version == 4:
+        return _V4.pack(4, ip.packed, addr[1])
+    return _V6.pack(6, ip.packed, addr[1])
+
+
+def unpack_addr(buf: bytes, offset: int) -> tuple[UdpAddr, int]:
+    """Return (addr, offset after it)."""
+    if len(buf) <= offset:
+        raise FrameError("record truncated before address")
+    fam = buf[offset]
+    st = _V4 if fam == 4 else _V6 if fam == 6 else None
+    if st is None or len(buf) < offset + st.size:
+        raise FrameError("bad address in record")
+    _, raw, port = st.unpack_from(buf, offset)
+    return (str(ipaddress.ip_address(raw)), port), offset + st.size
+
+
+def frame_in(iface: int, addr: UdpAddr, frame: bytes) -> bytes:
+    return bytes((REC_FRAME_IN, iface)) + pack_addr(addr) + frame
+
+
+def parse_frame_in(rec: bytes) -> tuple[int, UdpAddr, bytes]:
+    addr, off = unpack_addr(rec, 2)
+    return rec[1], addr, rec[off:]
+
+
+def send(addr: UdpAddr, frame: bytes) -> bytes:
+    return bytes((REC_SEND,)) + pack_addr(addr) + frame
+
+
+def parse_send(rec: bytes) -> tuple[UdpAddr, bytes]:
+    addr, off = unpack_addr(rec, 1)
+    return addr, rec[off:]
+
+
+def multicast(frame: bytes) -> bytes:
+    return bytes((REC_MULTICAST,)) + frame
+
+
+def worker_up(iface: int, worker: int) -> bytes:
+    return bytes((REC_WORKER_UP, iface, worker))
+
+
+def packed(tag: int, body: Any) -> bytes:
+    body_bytes: bytes = msgpack.packb(body, use_bin_type=True)
+    return bytes((tag,)) + body_bytes
+
+
+def unpacked(rec: bytes) -> Any:
+    return msgpack.unpackb(rec[1:], raw=False, strict_map_key=False)

@@ -1,0 +1,219 @@
+"""Supervisor: the process `meshpipe run` becomes.
+
+It creates the shared-memory rings, starts the control worker and the interface
+workers, restarts a worker that dies (logging `worker.restarted`), reports
+readiness and watchdog pings to systemd, and tears everything down on SIGTERM.
+Rings and their eventfds belong to the supervisor, so a restarted worker simply
+attaches to the same rings again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshpipe_workers import messages as msg
+from meshpipe_workers import sdnotify
+from meshpipe_workers.ring import Ring
+
+from meshpipe import log
+from meshpipe.config import Config
+from meshpipe.identity import Identity
+
+RING_BYTES = 4 << 20
+RESTART_BACKOFF_MAX = 10.0
+POLL = 0.2
+
+
+@dataclass
+class WorkerSpec:
+    role: str  # "control" or "interface:<name>:<k>"
+    argv: list[str]
+    fds: list[int]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    backoff: float = 0.5
+    started_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: str, identity: Identity) -> None:
+        self.cfg = cfg
+        self.config_path = os.path.abspath(config_path)
+        self.identity = identity
+        self.log = log.get()
+        self.rings: list[Ring] = []
+        self.workers: list[WorkerSpec] = []
+        self.stopping = False
+        self.ready = False
+        self._build()
+
+    def _ring(self) -> Ring:
+        r = Ring.create(RING_BYTES)
+        self.rings.append(r)
+        return r
+
+    def _build(self) -> None:
+        py = sys.executable
+        iface_rings: list[dict[str, Any]] = []
+        self.to_control = self._ring()  # supervisor -> control: worker table
+        for i, icfg in enumerate(self.cfg.interfaces):
+            for k in range(self.cfg.workers.per_interface):
+                rx, tx = self._ring(), self._ring()
+                iface_rings.append(
+                    {"iface": i, "worker": k, "rx": rx.spec.to_json(), "tx": tx.spec.to_json()}
+                )
+                self.workers.append(
+                    WorkerSpec(
+                        role=f"interface:{icfg.name}:{k}",
+                        argv=[
+                            py,
+                            "-m",
+                            "meshpipe_workers.interface",
+                            "--config",
+                            self.config_path,
+                            "--iface",
+                            str(i),
+                            "--worker",
+                            str(k),
+                            "--sid",
+                            str(self.identity.sid),
+                            "--rings",
+                            json.dumps({"rx": rx.spec.to_json(), "tx": tx.spec.to_json()}),
+                        ],
+                        fds=[rx.spec.eventfd, tx.spec.eventfd],
+                    )
+                )
+        control_rings = {"interfaces": iface_rings, "supervisor": self.to_control.spec.to_json()}
+        fds = [r.spec.eventfd for r in self.rings]
+        self.workers.insert(
+            0,
+            WorkerSpec(
+                role="control",
+                argv=[
+                    py,
+                    "-m",
+                    "meshpipe_workers.control",
+                    "--config",
+                    self.config_path,
+                    "--rings",
+                    json.dumps(control_rings),
+                ],
+                fds=fds,
+            ),
+        )
+
+    def _start(self, w: WorkerSpec) -> None:
+        w.proc = subprocess.Popen(w.argv, pass_fds=w.fds, stdin=subprocess.DEVNULL)
+        w.started_at = time.monotonic()
+        self.log.info("worker.start", worker=w.role, pid=w.proc.pid)
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for w in self.workers:
+            if w.proc is not None:
+                code = w.proc.poll()
+                if code is None:
+                    if now - w.started_at > 30:
+                        w.backoff = 0.5  # stable again: forget old failures
+                    continue
+                w.proc = None
+                w.restarts += 1
+                w.next_start = now + w.backoff
+                self.log.warning(
+                    "worker.exited", worker=w.role, exit_code=code, restart_in_s=w.backoff
+                )
+                w.backoff = min(w.backoff * 2, RESTART_BACKOFF_MAX)
+            elif now >= w.next_start:
+                self._start(w)
+                if w.restarts:
+                    assert w.proc is not None
+                    self.log.warning(
+                        "worker.restarted", worker=w.role, pid=w.proc.pid, restarts=w.restarts
+                    )
+                changed = True
+        if changed:
+            self._publish_workers()
+
+    def _publish_workers(self) -> None:
+        body = {
+            "pid": os.getpid(),
+            "workers": [
+                {"role": w.role, "pid": w.proc.pid if w.proc else None, "restarts": w.restarts}
+                for w in self.workers
+            ],
+        }
+        self.to_control.put(msg.packed(msg.REC_SUPERVISOR, body))
+
+    def _control_ready(self) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.cfg.node.control_socket)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def run(self) -> int:
+        def _stop(_sig: int, _frm: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        sid = self.identity.sid
+        self.log.info(
+            "node.start",
+            sid=str(sid),
+            ipv6=str(sid.ipv6()),
+            name=self.cfg.node.name,
+            interfaces=[i.name for i in self.cfg.interfaces],
+            interface_workers=self.cfg.workers.per_interface,
+        )
+        watchdog = sdnotify.watchdog_interval()
+        next_ping = time.monotonic()
+        try:
+            while not self.stopping:
+                self._check_children()
+                if not self.ready and self._control_ready():
+                    self.ready = True
+                    sdnotify.notify("READY=1\nSTATUS=meshpipe node running")
+                    self._publish_workers()
+                    self.log.info("node.ready", control_socket=self.cfg.node.control_socket)
+                if watchdog is not None and time.monotonic() >= next_ping:
+                    # Ping only while the control worker lives: a node whose control
+                    # plane keeps dying should be restarted by systemd.
+                    if self.workers[0].proc is not None:
+                        sdnotify.notify("WATCHDOG=1")
+                    next_ping = time.monotonic() + watchdog
+                time.sleep(POLL)
+        finally:
+            sdnotify.notify("STOPPING=1")
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        for p in procs:
+            p.terminate()
+        deadline = time.monotonic() + 5
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for r in self.rings:
+            r.close()
+            r.unlink()
+        self.log.info("node.stop")
