@@ -334,6 +334,8 @@ class ControlWorker:
         self.log.info("control.start", control_socket=self.cfg.node.control_socket)
         next_stats = time.monotonic() + STATS_PERIOD
         self.execute(self.core.on_timer(time.monotonic()))
+        for ring in self.rx:  # records queued before a restart; their wake-up may be gone
+            self._on_rx(ring)
         while not stop:
             now = time.monotonic()
             wake = min(self.core.next_deadline(), next_stats)

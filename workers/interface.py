@@ -207,6 +207,7 @@ class InterfaceWorker:
             sel.register(self.mcast_sock, selectors.EVENT_READ, "mcast")
         sel.register(self.tx.consumer_fd(), selectors.EVENT_READ, "tx")
         self.rx.put(msg.worker_up(self.iface, self.worker))
+        self.on_tx_ring()  # records queued while this worker was down; no wake-up will come
         self.log.info(
             "interface.start", iface=self.cfg.name, worker=self.worker, listen=_fmt(self.cfg.listen)
         )
