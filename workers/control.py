@@ -279,7 +279,14 @@ class ControlWorker:
         return {"sid": str(sid), "ipv6": str(sid.ipv6()), "name": self.cfg.node.name}
 
     def api_peers(self) -> list[dict[str, Any]]:
-        return [n.as_json() for n in self.core.neighbours()]
+        now = time.monotonic()
+        out = []
+        for n in self.core.neighbours():
+            d = n.as_json()
+            d.pop("last_heard", None)  # a monotonic timestamp means nothing to the CLI
+            d["last_heard_s"] = round(now - n.last_heard, 2)
+            out.append(d)
+        return out
 
     def api_routes(self) -> list[dict[str, Any]]:
         return [r.as_json() for r in self.core.routes()]

@@ -28,6 +28,7 @@ from meshpipe.config import InterfaceConfig, load_config
 RECV_BATCH = 256
 COUNTER_PERIOD = 1.0
 _DATA_BYTE = (wire.WIRE_VERSION << 4) | wire.KIND_DATA
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux <netinet/in.h>
 
 
 class InterfaceWorker:
@@ -93,12 +94,20 @@ class InterfaceWorker:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Pin the group socket to the device that owns our address: a node with two
+        # links must hear each neighbour only on the link it is really on.
+        dev = device_of(self.cfg.listen[0])
+        if dev is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
         s.bind(self.group)
         mreq = struct.pack(
             "4s4s", socket.inet_aton(self.group[0]), socket.inet_aton(self.cfg.listen[0])
         )
         s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        # Without this, every socket bound to the group hears the group on *every*
+        # interface, and a node with two links would see each neighbour on both.
+        s.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
         s.setblocking(False)
         return s
 
@@ -230,6 +239,17 @@ class InterfaceWorker:
             if time.monotonic() >= next_report:
                 self.report_counters()
                 next_report = time.monotonic() + COUNTER_PERIOD
+
+
+def device_of(ip: str) -> str | None:
+    """Name of the network device that carries ``ip`` in this namespace (netlink)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for msg_ in ipr.get_addr(address=ip):
+            name = socket.if_indextoname(int(msg_["index"]))
+            return name
+    return None
 
 
 def _fmt(addr: msg.UdpAddr) -> str:
