@@ -147,6 +147,71 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    from meshpipe_workers.control_client import request_stream
+
+    summary: dict[str, Any] = {}
+    for line in request_stream(
+        _control_path(args),
+        "ping",
+        timeout=args.interval + 10,
+        sid=args.sid,
+        count=args.count,
+        interval=args.interval,
+        size=args.size,
+    ):
+        if line.get("start") and not args.json:
+            print(f"PING {line['sid'][:16]}: {line['size']} data bytes, {line['hops']} hops")
+        elif line.get("reply") and not args.json:
+            print(
+                f"reply from {args.sid[:16]}: seq={line['seq']} hops={line['hops']} "
+                f"time={line['rtt_ms']:.2f} ms",
+                flush=True,
+            )
+        elif line.get("done"):
+            summary = line["result"]
+            if line.get("error"):
+                raise MeshpipeError(f"ping: {line['error']}")
+    sent, received = summary.get("sent", 0), summary.get("received", 0)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        loss = 100.0 * (sent - received) / sent if sent else 0.0
+        print(f"--- {summary.get('sid', args.sid)[:16]} ping statistics ---")
+        print(f"{sent} sent, {received} received, {loss:.0f}% loss", end="")
+        rtts = summary.get("rtt_ms", [])
+        if rtts:
+            avg = sum(rtts) / len(rtts)
+            print(f", rtt min/avg/max = {min(rtts):.2f}/{avg:.2f}/{max(rtts):.2f} ms")
+        else:
+            print()
+    return 0 if received else 1
+
+
+def _fmt_sessions(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no sessions")
+        return
+    table = [
+        [
+            r["peer"][:16],
+            r["state"],
+            "yes" if r["initiator"] else "no",
+            f"{r['age_s']:.0f}",
+            str(r["rekeys"]),
+            str(r["tx_packets"]),
+            str(r["rx_packets"]),
+        ]
+        for r in rows
+    ]
+    _print_table(table, ["PEER", "STATE", "INITIATOR", "AGE_S", "REKEYS", "TX_PKTS", "RX_PKTS"])
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "sessions"), _fmt_sessions)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------
 
 
@@ -185,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     node_cmd("peers", cmd_peers, "neighbours with link quality")
     node_cmd("routes", cmd_routes, "selected routes")
     node_cmd("id", cmd_id, "this node's SID and overlay IPv6 address")
+    node_cmd("sessions", cmd_sessions, "end-to-end encrypted sessions")
+    sp = node_cmd("ping", cmd_ping, "MDP echo to a node: RTT per reply, loss, hop count")
+    sp.add_argument("sid", help="destination SID or unique prefix (>= 8 hex characters)")
+    sp.add_argument("--count", "-n", type=int, default=4)
+    sp.add_argument("--interval", "-i", type=float, default=1.0)
+    sp.add_argument("--size", "-s", type=int, default=0, help="payload bytes")
     return p
 
 

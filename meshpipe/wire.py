@@ -97,12 +97,9 @@ def unpack_body(data: bytes) -> Any:
     if len(data) > MAX_FRAME:
         raise FrameError("body too large")
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_buffer_size=MAX_FRAME,
-        )
+        # The length check above bounds every nested size; unpackb has no
+        # max_buffer_size (that is an Unpacker option) and raised TypeError on it.
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types for damaged input
         raise FrameError(f"bad control body: {type(exc).__name__}") from exc
 

@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from meshpipe.node import InterfaceParams, NodeCore, Timing
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
 
@@ -27,7 +26,10 @@ from meshpipe import __version__, log
 from meshpipe.actions import MULTICAST, Action, Deliver, Event, ForwardingChanged, SendFrame
 from meshpipe.config import Config, load_config
 from meshpipe.errors import MeshpipeError
-from meshpipe.identity import Identity
+from meshpipe.identity import Identity, resolve_sid
+from meshpipe.mdp import MdpError
+from meshpipe.node import InterfaceParams, Timing
+from meshpipe.stack import NodeStack, PingReply
 
 STATS_PERIOD = 30.0
 MAX_REQUEST = 64 * 1024
@@ -55,8 +57,19 @@ def timing(cfg: Config) -> Timing:
     )
 
 
+class Deferred:
+    """Returned by a handler that answers later, possibly with several lines (ping)."""
+
+    def __init__(self, start: Callable[[socket.socket], None]) -> None:
+        self.start = start
+
+
 class ControlServer:
-    """Newline-delimited JSON requests on a Unix stream socket, one reply each."""
+    """Newline-delimited JSON requests on a Unix stream socket.
+
+    Most requests get one reply line; a handler may return ``Deferred`` to keep the
+    connection and stream progress lines, ending with a line that has ``"done"``.
+    """
 
     def __init__(
         self, path: str, sel: selectors.BaseSelector, handler: Callable[[dict[str, Any]], Any]
@@ -98,15 +111,25 @@ class ControlServer:
             return
         line = bytes(buf).split(b"\n", 1)[0]
         reply = self._answer(line)
+        if isinstance(reply, Deferred):
+            self.sel.unregister(conn)  # the job owns the connection from now on
+            self.buffers.pop(conn, None)
+            reply.start(conn)
+            return
+        self.write_line(conn, reply)
+        self._close(conn)
+
+    @staticmethod
+    def write_line(conn: socket.socket, obj: Any) -> bool:
         try:
             conn.setblocking(True)
             conn.settimeout(2.0)
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+            conn.sendall(json.dumps(obj).encode() + b"\n")
+            return True
         except OSError:
-            pass
-        self._close(conn)
+            return False
 
-    def _answer(self, line: bytes) -> dict[str, Any]:
+    def _answer(self, line: bytes) -> dict[str, Any] | Deferred:
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
@@ -114,7 +137,8 @@ class ControlServer:
         except ValueError as exc:
             return {"ok": False, "error": f"bad request: {exc}"}
         try:
-            return {"ok": True, "result": self.handler(req)}
+            result = self.handler(req)
+            return result if isinstance(result, Deferred) else {"ok": True, "result": result}
         except MeshpipeError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a bad request must not take the node down
@@ -135,6 +159,57 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+class PingJob:
+    """One `meshpipe ping` in progress: its probes, replies and connection."""
+
+    TIMEOUT = 2.0  # wait this long after the last probe for stragglers
+
+    def __init__(
+        self, conn: socket.socket, dst: bytes, count: int, interval: float, size: int, now: float
+    ) -> None:
+        self.conn = conn
+        self.dst = dst
+        self.count = count
+        self.interval = interval
+        self.size = size
+        self.next_send = now
+        self.sent = 0
+        self.sent_at: dict[int, float] = {}
+        self.rtts: list[float] = []
+        self.hops: int | None = None
+        self.error = ""
+
+    def on_reply(self, rep: PingReply, server: ControlServer) -> None:
+        if bytes(rep.sid) != self.dst or rep.seq not in self.sent_at:
+            return
+        del self.sent_at[rep.seq]
+        rtt_ms = round(rep.rtt * 1000, 3)
+        self.rtts.append(rtt_ms)
+        self.hops = rep.hops
+        server.write_line(
+            self.conn, {"reply": True, "seq": rep.seq, "rtt_ms": rtt_ms, "hops": rep.hops}
+        )
+
+    def finished(self, now: float) -> bool:
+        if self.sent < self.count:
+            return False
+        return not self.sent_at or now >= self.next_send - self.interval + self.TIMEOUT
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "done": True,
+            "ok": not self.error,
+            "error": self.error,
+            "result": {
+                "sid": self.dst.hex(),
+                "sent": self.sent,
+                "received": len(self.rtts),
+                "rtt_ms": self.rtts,
+                "hops": self.hops,
+            },
+        }
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -158,7 +233,12 @@ class ControlWorker:
         self.identity = identity
         self.log = log.get()
         self.started = time.monotonic()
-        self.core = NodeCore(identity, interface_params(cfg), timing(cfg), now=self.started)
+        # epoch_ns makes handshake timestamps grow across restarts of this node, so
+        # peers accept our new handshakes and reject replayed old ones.
+        self.core = NodeStack(
+            identity, interface_params(cfg), timing(cfg), now=self.started, epoch_ns=time.time_ns()
+        )
+        self.pings: list[PingJob] = []
         self.counters: Counter[str] = Counter()
         self.sel = selectors.DefaultSelector()
         # interface index -> list of (worker index, tx ring)
@@ -269,10 +349,68 @@ class ControlWorker:
             "status": self.api_status,
             "peers": self.api_peers,
             "routes": self.api_routes,
+            "sessions": self.api_sessions,
         }.get(cmd)
+        if cmd == "ping":
+            return self.api_ping(req)
         if handler is None:
             raise MeshpipeError(f"unknown command {cmd!r}")
         return handler()
+
+    def known_sids(self) -> set[bytes]:
+        known = {bytes(r.sid) for r in self.core.routes()}
+        known.update(bytes(n.sid) for n in self.core.neighbours())
+        return known
+
+    def api_sessions(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.core.sessions(time.monotonic())
+        return rows
+
+    def api_ping(self, req: dict[str, Any]) -> Deferred:
+        dst = resolve_sid(str(req.get("sid", "")), self.known_sids())
+        count = int(req.get("count", 4))
+        interval = float(req.get("interval", 1.0))
+        size = int(req.get("size", 0))
+        if not 1 <= count <= 100000 or not 0.01 <= interval <= 60 or not 0 <= size <= 65535:
+            raise MeshpipeError("ping: count 1..100000, interval 0.01..60 s, size 0..65535")
+        if dst == self.identity.sid:
+            raise MeshpipeError("ping: that is this node's own SID")
+        route = next((r for r in self.core.routes() if bytes(r.sid) == dst), None)
+        if route is None:
+            raise MeshpipeError(f"ping: no route to {dst.hex()[:16]}")
+
+        def start(conn: socket.socket) -> None:
+            job = PingJob(conn, dst, count, interval, size, time.monotonic())
+            self.server.write_line(
+                conn, {"start": True, "sid": dst.hex(), "hops": route.hops, "size": size}
+            )
+            self.pings.append(job)
+
+        return Deferred(start)
+
+    def _service_pings(self, now: float) -> None:
+        replies = self.core.ping_replies()
+        for job in list(self.pings):
+            for rep in replies:
+                job.on_reply(rep, self.server)
+            if job.sent < job.count and now >= job.next_send:
+                try:
+                    actions = self.core.ping(job.dst, now, job.size)
+                except MdpError as exc:
+                    job.error = str(exc)
+                    job.sent = job.count
+                else:
+                    job.sent_at[self.core.last_ping_seq] = now
+                    job.sent += 1
+                    job.next_send = now + job.interval
+                    self.execute(actions)
+            if job.finished(now):
+                self.server.write_line(job.conn, job.summary())
+                job.conn.close()
+                self.pings.remove(job)
+
+    def _ping_deadline(self) -> float:
+        return min((j.next_send for j in self.pings if j.sent < j.count), default=float("inf"))
 
     def api_id(self) -> dict[str, Any]:
         sid = self.identity.sid
@@ -345,12 +483,16 @@ class ControlWorker:
             self._on_rx(ring)
         while not stop:
             now = time.monotonic()
-            wake = min(self.core.next_deadline(), next_stats)
+            wake = min(self.core.next_deadline(), next_stats, self._ping_deadline())
+            if self.pings:
+                wake = min(wake, now + 0.05)  # replies and timeouts are checked on wake-ups
             for key, _ in self.sel.select(max(0.0, min(wake - now, 1.0))):
                 key.data()
             now = time.monotonic()
             if now >= self.core.next_deadline():
                 self.execute(self.core.on_timer(now))
+            if self.pings:
+                self._service_pings(now)
             if now >= next_stats:
                 self.stats()
                 next_stats = now + STATS_PERIOD

@@ -175,7 +175,10 @@ class Lab:
         for name in self.names:
             self.start(name, wait=False)
         for name in self.names:
-            self.wait_for(lambda n=name: self.cli(n, "id") is not None, 20, f"{name} to start")
+            self.wait_for(self._answers(name), 20, f"{name} to start")
+
+    def _answers(self, name: str) -> Callable[[], bool]:
+        return lambda: self.cli(name, "id") is not None
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         node = self.nodes[name]

@@ -1,0 +1,348 @@
+"""NodeStack: the whole sans-IO node, routing + sessions + MDP, behind one interface.
+
+It speaks the simulator's node protocol (``on_frame`` / ``on_timer`` /
+``next_deadline``) and returns the same actions as :class:`NodeCore`. Internally:
+
+    frame -> NodeCore.on_frame -> Deliver(src, payload, hops)
+          -> SessionManager.on_packet -> Plaintext(src, plaintext)
+          -> by the plaintext's first byte: 1 = MDP (meshpipe.mdp), 2 = MSP (to come,
+             through register_protocol), anything else dropped and counted
+    SessionManager Transmit(dst, payload) -> NodeCore.send_data -> SendFrame
+
+Deliver actions are consumed here (they carry ciphertext); everything else the core
+or the session layer emits (SendFrame, Event, ForwardingChanged) is passed on.
+Datagrams for bound ports wait in a bounded per-port inbox: ``recv(port)`` drains it.
+
+Counters (``NodeStack.counters`` merges the core's, the sessions' and MDP's):
+``stack.drop.unknown_proto``, ``mdp.drop.inbox_full``, ``stack.drop.internal_error``,
+``ping.tx``, ``ping.rx``, ``ping.drop.unexpected``.
+Events added here: ``ping.reply`` (sid, seq, rtt_ms, hops).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from meshpipe.actions import Action, Deliver, Event, ForwardingChanged, LinkAddr, SendFrame
+from meshpipe.identity import Identity, Sid
+from meshpipe.mdp import (
+    ECHO_PORT,
+    PROTO_MDP,
+    Mdp,
+    MdpDatagram,
+    MdpSend,
+    max_payload,
+)
+from meshpipe.node import InterfaceParams, NeighbourInfo, NodeCore, RouteInfo, Timing
+from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
+
+
+class SessionProtocol(Protocol):
+    """A protocol carried in sessions next to MDP (MSP will register as proto 2).
+
+    Each method returns ``(dst, plaintext)`` pairs to send; every plaintext starts
+    with the protocol's number. The stack wakes the protocol at ``next_deadline()``.
+    """
+
+    def on_plaintext(
+        self, src: bytes, plaintext: bytes, hops: int, now: float, /
+    ) -> Sequence[tuple[bytes, bytes]]: ...
+
+    def on_timer(self, now: float, /) -> Sequence[tuple[bytes, bytes]]: ...
+
+    def next_deadline(self) -> float: ...
+
+
+PING_MAGIC = b"mpng"
+_PING = struct.Struct("!4sI")  # magic, sequence number; padding follows
+EPHEMERAL_PORTS = range(49152, 65536)
+MAX_PINGS_OUTSTANDING = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PingReply:
+    sid: Sid
+    seq: int
+    rtt: float  # seconds
+    hops: int
+    size: int  # payload bytes
+
+
+class NodeStack:
+    """NodeCore + SessionManager + Mdp for one node."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        interfaces: Sequence[InterfaceParams],
+        timing: Timing | None = None,
+        now: float = 0.0,
+        rng: random.Random | None = None,
+        *,
+        epoch_ns: int = 0,
+        session_params: SessionParams | None = None,
+        random_bytes: Callable[[int], bytes] | None = None,
+        inbox_limit: int = 1024,
+        echo: bool = True,
+    ) -> None:
+        self.identity = identity
+        self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
+        session_rng = random.Random(self.core.rng.getrandbits(64))
+        self.session = SessionManager(
+            identity,
+            now,
+            session_rng,
+            epoch_ns,
+            session_params,
+            random_bytes=random_bytes if random_bytes is not None else os.urandom,
+        )
+        self.mdp = Mdp(echo=echo)
+        self.inbox_limit = inbox_limit
+        self._inbox: dict[int, collections.deque[MdpDatagram]] = {}
+        self._protocols: dict[int, SessionProtocol] = {}
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._ping_port: int | None = None
+        self._ping_seq = 0
+        self._pings: dict[tuple[bytes, int], float] = {}
+        self._ping_replies: list[PingReply] = []
+        self._now = now
+
+    @property
+    def sid(self) -> Sid:
+        return self.core.sid
+
+    # -- the simulator's node protocol ---------------------------------------------------
+
+    def on_frame(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> list[Action]:
+        self._now = now
+        return self._process(self.core.on_frame(iface, src, frame, now), now)
+
+    def on_timer(self, now: float) -> list[Action]:
+        self._now = now
+        out: list[Action] = []
+        if now >= self.core.next_deadline():
+            out = self._process(self.core.on_timer(now), now)
+        if now >= self.session.next_deadline():
+            self._session_outs(self.session.on_timer(now), 0, now, out)
+        for proto in self._protocols.values():
+            if now >= proto.next_deadline():
+                for dst, plaintext in proto.on_timer(now):
+                    self._send_plain(bytes(dst), bytes(plaintext), now, out)
+        return out
+
+    def next_deadline(self) -> float:
+        return min(
+            self.core.next_deadline(),
+            self.session.next_deadline(),
+            *(p.next_deadline() for p in self._protocols.values()),
+        )
+
+    # -- application API ---------------------------------------------------------------
+
+    def bind(self, port: int) -> None:
+        """Receive MDP datagrams sent to ``port`` (read them with ``recv``)."""
+        self.mdp.bind(port)
+        self._inbox[port] = collections.deque()
+
+    def unbind(self, port: int) -> None:
+        self.mdp.unbind(port)
+        self._inbox.pop(port, None)
+
+    def recv(self, port: int | None = None) -> list[MdpDatagram]:
+        """Drain the datagrams waiting on ``port`` (all bound ports if None)."""
+        ports = list(self._inbox) if port is None else [port]
+        out: list[MdpDatagram] = []
+        for p in ports:
+            q = self._inbox.get(p)
+            while q:
+                out.append(q.popleft())
+        return out
+
+    def path_mtu(self, dst: bytes) -> int:
+        """MTU of the first hop towards ``dst`` (the smallest interface MTU if unknown)."""
+        mtus = [p.mtu for p in self.core.interfaces]
+        if bytes(dst) == self.sid:
+            return max(mtus)
+        hop = self.core.forwarding_table().get(bytes(dst))
+        return self.core.interfaces[hop[0]].mtu if hop is not None else min(mtus)
+
+    def max_datagram(self, dst: bytes) -> int:
+        return max_payload(self.path_mtu(dst))
+
+    def mdp_send(
+        self,
+        dst: bytes,
+        src_port: int,
+        dst_port: int,
+        payload: bytes,
+        now: float,
+        path_mtu: int | None = None,
+    ) -> list[Action]:
+        """Send one datagram; raises DatagramTooLarge (or MdpError for bad ports)."""
+        self._now = now
+        mtu = self.path_mtu(dst) if path_mtu is None else path_mtu
+        out: list[Action] = []
+        for item in self.mdp.send(dst, src_port, dst_port, payload, now, mtu):
+            if isinstance(item, MdpSend):
+                self._send_plain(item.dst, item.plaintext, now, out)
+        return out
+
+    def send_plaintext(self, dst: bytes, plaintext: bytes, now: float) -> list[Action]:
+        """Send a session plaintext (first byte = protocol) to ``dst``: for MSP."""
+        self._now = now
+        out: list[Action] = []
+        self._send_plain(bytes(dst), bytes(plaintext), now, out)
+        return out
+
+    def register_protocol(self, number: int, proto: SessionProtocol) -> None:
+        """Carry session plaintexts whose first byte is ``number`` to ``proto``."""
+        if number == PROTO_MDP or number in self._protocols or not 0 <= number <= 255:
+            raise ValueError(f"protocol number {number} is taken or out of range")
+        self._protocols[number] = proto
+
+    def ping(self, dst: bytes, now: float, size: int = 0) -> list[Action]:
+        """Send an echo request to ``dst``'s port 7; the reply becomes a PingReply
+        (``ping_replies()``) and a ``ping.reply`` event."""
+        if self._ping_port is None:
+            self._ping_port = next(p for p in EPHEMERAL_PORTS if not self.mdp.is_bound(p))
+            self.bind(self._ping_port)
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+        seq = self._ping_seq
+        payload = _PING.pack(PING_MAGIC, seq) + bytes(max(0, size - _PING.size))
+        out = self.mdp_send(dst, self._ping_port, ECHO_PORT, payload, now)
+        self._pings[(bytes(dst), seq)] = now
+        while len(self._pings) > MAX_PINGS_OUTSTANDING:
+            del self._pings[next(iter(self._pings))]
+        self._counters["ping.tx"] += 1
+        return out
+
+    @property
+    def last_ping_seq(self) -> int:
+        """Sequence number of the latest ping() probe (to match replies to callers)."""
+        return self._ping_seq
+
+    def ping_replies(self) -> list[PingReply]:
+        out, self._ping_replies = self._ping_replies, []
+        return out
+
+    # -- pass-through --------------------------------------------------------------------
+
+    def sessions(self, now: float | None = None) -> list[dict[str, Any]]:
+        return self.session.sessions(self._now if now is None else now)
+
+    def routes(self) -> list[RouteInfo]:
+        return self.core.routes()
+
+    def neighbours(self) -> list[NeighbourInfo]:
+        return self.core.neighbours()
+
+    def forwarding_table(self) -> dict[bytes, tuple[int, LinkAddr]]:
+        return self.core.forwarding_table()
+
+    @property
+    def counters(self) -> collections.Counter[str]:
+        """All layers' counters merged (a fresh Counter)."""
+        merged: collections.Counter[str] = collections.Counter()
+        for c in (self.core.counters, self.session.counters, self.mdp.counters, self._counters):
+            merged.update(c)
+        return merged
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _process(self, actions: Sequence[Action], now: float) -> list[Action]:
+        out: list[Action] = []
+        for a in actions:
+            if isinstance(a, Deliver):
+                try:
+                    outs = self.session.on_packet(a.src, a.payload, now)
+                    self._session_outs(outs, a.hops, now, out)
+                except Exception as exc:  # a bug costs one packet, never the node
+                    self._counters["stack.drop.internal_error"] += 1
+                    out.append(Event("stack.error", {"error": repr(exc)}))
+            else:
+                out.append(a)
+        return out
+
+    def _session_outs(
+        self, outs: Sequence[SessionOut], hops: int, now: float, out: list[Action]
+    ) -> None:
+        for o in outs:
+            if isinstance(o, Transmit):
+                for a in self.core.send_data(o.dst, o.payload, now):
+                    if isinstance(a, (SendFrame, Event, ForwardingChanged)):
+                        out.append(a)
+            elif isinstance(o, Plaintext):
+                # A Plaintext only ever answers the packet being processed: its hops.
+                self._on_plaintext(o.src, o.payload, hops, now, out)
+            else:
+                out.append(o)
+
+    def _send_plain(self, dst: bytes, plaintext: bytes, now: float, out: list[Action]) -> None:
+        if dst == self.sid:  # loopback: no session with ourselves
+            self._on_plaintext(self.sid, plaintext, 0, now, out)
+            return
+        self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)
+
+    def _on_plaintext(
+        self, src: bytes, plaintext: bytes, hops: int, now: float, out: list[Action]
+    ) -> None:
+        proto = plaintext[0] if plaintext else -1
+        if proto == PROTO_MDP:
+            for item in self.mdp.on_plaintext(src, plaintext, hops, now):
+                if isinstance(item, MdpSend):
+                    self._send_plain(item.dst, item.plaintext, now, out)
+                else:
+                    self._deliver(item, now, out)
+            return
+        handler = self._protocols.get(proto)
+        if handler is None:
+            self._counters["stack.drop.unknown_proto"] += 1
+            return
+        for dst, reply in handler.on_plaintext(src, plaintext, hops, now):
+            self._send_plain(bytes(dst), bytes(reply), now, out)
+
+    def _deliver(self, dg: MdpDatagram, now: float, out: list[Action]) -> None:
+        if self._ping_port is not None and dg.dst_port == self._ping_port:
+            self._on_ping_reply(dg, now, out)
+            return
+        q = self._inbox.get(dg.dst_port)
+        if q is None:  # bound in Mdp but not through us
+            self.mdp.counters["mdp.drop.unbound_port"] += 1
+            return
+        if len(q) >= self.inbox_limit:
+            self._counters["mdp.drop.inbox_full"] += 1
+            return
+        q.append(dg)
+
+    def _on_ping_reply(self, dg: MdpDatagram, now: float, out: list[Action]) -> None:
+        if dg.src_port != ECHO_PORT or len(dg.payload) < _PING.size:
+            self._counters["ping.drop.unexpected"] += 1
+            return
+        magic, seq = _PING.unpack_from(dg.payload)
+        sent = self._pings.pop((dg.src, seq), None)
+        if magic != PING_MAGIC or sent is None:
+            self._counters["ping.drop.unexpected"] += 1
+            return
+        self._counters["ping.rx"] += 1
+        reply = PingReply(Sid(dg.src), seq, now - sent, dg.hops, len(dg.payload))
+        self._ping_replies.append(reply)
+        out.append(
+            Event(
+                "ping.reply",
+                {
+                    "sid": reply.sid.short,
+                    "seq": seq,
+                    "rtt_ms": round(reply.rtt * 1000.0, 3),
+                    "hops": dg.hops,
+                },
+            )
+        )
+
+
+__all__ = ["EPHEMERAL_PORTS", "NodeStack", "PingReply", "SessionProtocol"]
