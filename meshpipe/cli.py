@@ -74,11 +74,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from meshpipe_workers.supervisor import Supervisor
-
     from meshpipe import log
     from meshpipe.config import load_config
     from meshpipe.identity import Identity
+    from meshpipe_workers.supervisor import Supervisor
 
     cfg = load_config(_config_path(args))
     identity = Identity.load(cfg.node.key)
@@ -159,6 +158,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         count=args.count,
         interval=args.interval,
         size=args.size,
+        pattern=args.pattern,
     ):
         if line.get("start") and not args.json:
             print(f"PING {line['sid'][:16]}: {line['size']} data bytes, {line['hops']} hops")
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--count", "-n", type=int, default=4)
     sp.add_argument("--interval", "-i", type=float, default=1.0)
     sp.add_argument("--size", "-s", type=int, default=0, help="payload bytes")
+    sp.add_argument("--pattern", "-p", default="", help="hex bytes repeated as padding")
     return p
 
 

@@ -206,15 +206,18 @@ class NodeStack:
             raise ValueError(f"protocol number {number} is taken or out of range")
         self._protocols[number] = proto
 
-    def ping(self, dst: bytes, now: float, size: int = 0) -> list[Action]:
+    def ping(self, dst: bytes, now: float, size: int = 0, pattern: bytes = b"") -> list[Action]:
         """Send an echo request to ``dst``'s port 7; the reply becomes a PingReply
-        (``ping_replies()``) and a ``ping.reply`` event."""
+        (``ping_replies()``) and a ``ping.reply`` event. The padding up to ``size``
+        repeats ``pattern`` (like ping -p), zeros by default."""
         if self._ping_port is None:
             self._ping_port = next(p for p in EPHEMERAL_PORTS if not self.mdp.is_bound(p))
             self.bind(self._ping_port)
         self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
         seq = self._ping_seq
-        payload = _PING.pack(PING_MAGIC, seq) + bytes(max(0, size - _PING.size))
+        pad_len = max(0, size - _PING.size)
+        pad = (pattern * (pad_len // len(pattern) + 1))[:pad_len] if pattern else bytes(pad_len)
+        payload = _PING.pack(PING_MAGIC, seq) + pad
         out = self.mdp_send(dst, self._ping_port, ECHO_PORT, payload, now)
         self._pings[(bytes(dst), seq)] = now
         while len(self._pings) > MAX_PINGS_OUTSTANDING:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from meshpipe_workers.netns import (
     LOCK_DIR,
     UNDERLAY,

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshpipe_workers.labnet import Lab
 
+from meshpipe_workers.labnet import Lab
 from tests.netns import require_root
 
 pytestmark = pytest.mark.netns

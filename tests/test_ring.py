@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+
 from meshpipe_workers.ring import HEADER_SIZE, Ring, RingSpec
 
 MAX_FRAME = 65535

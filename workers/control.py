@@ -19,9 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from meshpipe_workers import messages as msg
-from meshpipe_workers.ring import Ring, RingSpec
-
 from meshpipe import __version__, log
 from meshpipe.actions import MULTICAST, Action, Deliver, Event, ForwardingChanged, SendFrame
 from meshpipe.config import Config, load_config
@@ -30,6 +27,8 @@ from meshpipe.identity import Identity, resolve_sid
 from meshpipe.mdp import MdpError
 from meshpipe.node import InterfaceParams, Timing
 from meshpipe.stack import NodeStack, PingReply
+from meshpipe_workers import messages as msg
+from meshpipe_workers.ring import Ring, RingSpec
 
 STATS_PERIOD = 30.0
 MAX_REQUEST = 64 * 1024
@@ -167,8 +166,16 @@ class PingJob:
     TIMEOUT = 2.0  # wait this long after the last probe for stragglers
 
     def __init__(
-        self, conn: socket.socket, dst: bytes, count: int, interval: float, size: int, now: float
+        self,
+        conn: socket.socket,
+        dst: bytes,
+        count: int,
+        interval: float,
+        size: int,
+        now: float,
+        pattern: bytes = b"",
     ) -> None:
+        self.pattern = pattern
         self.conn = conn
         self.dst = dst
         self.count = count
@@ -371,6 +378,10 @@ class ControlWorker:
         count = int(req.get("count", 4))
         interval = float(req.get("interval", 1.0))
         size = int(req.get("size", 0))
+        try:
+            pattern = bytes.fromhex(str(req.get("pattern", "")))
+        except ValueError as exc:
+            raise MeshpipeError("ping: pattern must be hex") from exc
         if not 1 <= count <= 100000 or not 0.01 <= interval <= 60 or not 0 <= size <= 65535:
             raise MeshpipeError("ping: count 1..100000, interval 0.01..60 s, size 0..65535")
         if dst == self.identity.sid:
@@ -380,7 +391,7 @@ class ControlWorker:
             raise MeshpipeError(f"ping: no route to {dst.hex()[:16]}")
 
         def start(conn: socket.socket) -> None:
-            job = PingJob(conn, dst, count, interval, size, time.monotonic())
+            job = PingJob(conn, dst, count, interval, size, time.monotonic(), pattern)
             self.server.write_line(
                 conn, {"start": True, "sid": dst.hex(), "hops": route.hops, "size": size}
             )
@@ -395,7 +406,7 @@ class ControlWorker:
                 job.on_reply(rep, self.server)
             if job.sent < job.count and now >= job.next_send:
                 try:
-                    actions = self.core.ping(job.dst, now, job.size)
+                    actions = self.core.ping(job.dst, now, job.size, job.pattern)
                 except MdpError as exc:
                     job.error = str(exc)
                     job.sent = job.count

@@ -19,11 +19,10 @@ import sys
 import time
 from collections import Counter
 
-from meshpipe_workers import messages as msg
-from meshpipe_workers.ring import Ring, RingSpec
-
 from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
+from meshpipe_workers import messages as msg
+from meshpipe_workers.ring import Ring, RingSpec
 
 RECV_BATCH = 256
 COUNTER_PERIOD = 1.0

@@ -19,13 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshpipe_workers import messages as msg
-from meshpipe_workers import sdnotify
-from meshpipe_workers.ring import Ring
-
 from meshpipe import log
 from meshpipe.config import Config
 from meshpipe.identity import Identity
+from meshpipe_workers import messages as msg
+from meshpipe_workers import sdnotify
+from meshpipe_workers.ring import Ring
 
 RING_BYTES = 4 << 20
 RESTART_BACKOFF_MAX = 10.0
