@@ -51,6 +51,7 @@ class Lab:
         prefix: str | None = None,
         base_port: int = BASE_PORT,
         timing: dict[str, float] | None = None,
+        extra_config: str = "",
     ) -> None:
         self.names = names
         self.workdir = Path(workdir)
@@ -63,6 +64,7 @@ class Lab:
             "update_interval": 2.0,
             "route_expiry": 7.0,
         }
+        self.extra_config = extra_config  # raw TOML appended to every node's config
         self.nodes: dict[str, LabNode] = {}
         self.topo: Topology | None = None
         self._topo_cm: Any = None
@@ -148,7 +150,7 @@ class Lab:
                 "discovery = false",
                 "",
             ]
-        return "\n".join(lines)
+        return "\n".join(lines) + "\n" + self.extra_config
 
     # -- processes -------------------------------------------------------------------
 
