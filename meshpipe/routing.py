@@ -110,15 +110,11 @@ def decode_routing(frame: bytes) -> RoutingFrame:
     """Parse and strictly validate a whole routing frame before anything is applied."""
     if wire.frame_kind(frame) != wire.KIND_ROUTING:
         raise FrameError("not a routing frame")
-    outer = wire.expect_list(wire.decode_control(frame), 3, "routing")
-    if len(outer) != 3:
-        raise FrameError("routing: want [seq, updates, requests]")
+    outer = wire.expect_record(wire.decode_control(frame), 3, "routing")
     seq = wire.expect_int(outer[0], 0, SEQNO_MOD - 1, "routing frame seq")
     updates: list[Update] = []
     for raw in wire.expect_list(outer[1], MAX_ITEMS, "updates"):
-        item = wire.expect_list(raw, 5, "update")
-        if len(item) != 5:
-            raise FrameError("update: want 5 fields")
+        item = wire.expect_record(raw, 5, "update")
         updates.append(
             Update(
                 origin=wire.expect_bytes(item[0], SID_LEN, "update origin"),
@@ -130,9 +126,7 @@ def decode_routing(frame: bytes) -> RoutingFrame:
         )
     requests: list[SeqnoRequest] = []
     for raw in wire.expect_list(outer[2], MAX_ITEMS, "requests"):
-        item = wire.expect_list(raw, 3, "request")
-        if len(item) != 3:
-            raise FrameError("request: want 3 fields")
+        item = wire.expect_record(raw, 3, "request")
         requests.append(
             SeqnoRequest(
                 origin=wire.expect_bytes(item[0], SID_LEN, "request origin"),

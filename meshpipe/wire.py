@@ -127,3 +127,11 @@ def expect_list(value: Any, max_len: int, what: str) -> list[Any]:
     if not isinstance(value, list) or len(value) > max_len:
         raise FrameError(f"{what}: want a list of at most {max_len} items")
     return value
+
+
+def expect_record(value: Any, n_fields: int, what: str) -> list[Any]:
+    """A msgpack array of exactly ``n_fields`` items (one record of a control body)."""
+    items = expect_list(value, n_fields, what)
+    if len(items) != n_fields:
+        raise FrameError(f"{what}: want {n_fields} fields")
+    return items

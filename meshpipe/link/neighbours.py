@@ -157,16 +157,12 @@ def decode_hello(frame: bytes) -> SignedHello:
     """Parse and strictly validate a hello frame (the signature is checked separately)."""
     if wire.frame_kind(frame) != wire.KIND_HELLO:
         raise FrameError("not a hello frame")
-    outer = wire.expect_list(wire.decode_control(frame), 2, "hello")
-    if len(outer) != 2:
-        raise FrameError("hello: want [body, signature]")
+    outer = wire.expect_record(wire.decode_control(frame), 2, "hello")
     body, sig = outer
     if not isinstance(body, bytes):
         raise FrameError("hello body: want bytes")
     sig = wire.expect_bytes(sig, SIG_LEN, "hello signature")
-    fields = wire.expect_list(wire.unpack_body(body), 6, "hello body")
-    if len(fields) != 6:
-        raise FrameError("hello body: want 6 fields")
+    fields = wire.expect_record(wire.unpack_body(body), 6, "hello body")
     sid = Sid(wire.expect_bytes(fields[0], SID_LEN, "hello sid"))
     epoch = wire.expect_int(fields[1], 0, TS_MOD - 1, "hello epoch")
     seqno = wire.expect_int(fields[2], 0, HELLO_SEQNO_MOD - 1, "hello seqno")
@@ -174,9 +170,7 @@ def decode_hello(frame: bytes) -> SignedHello:
     interval = wire.expect_int(fields[4], MIN_INTERVAL_MS, MAX_INTERVAL_MS, "hello interval")
     ihus: list[Ihu] = []
     for raw in wire.expect_list(fields[5], MAX_IHUS, "hello ihus"):
-        item = wire.expect_list(raw, 5, "ihu")
-        if len(item) != 5:
-            raise FrameError("ihu: want 5 fields")
+        item = wire.expect_record(raw, 5, "ihu")
         ihus.append(
             Ihu(
                 sid=wire.expect_bytes(item[0], SID_LEN, "ihu sid"),
