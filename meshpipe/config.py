@@ -15,17 +15,30 @@ takes a :class:`_Table` and returns it, one entry in ``_SECTIONS`` and one field
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, TypeVar
 
 from meshpipe.errors import ConfigError, KeyFileError
 from meshpipe.identity import Identity
+from meshpipe.link.kiss import RADIO_HEADER_LEN
+from meshpipe.node import MIN_MTU as CORE_MIN_MTU
+from meshpipe.services.acl import Acl, AclError
+from meshpipe.services.discovery import ServiceError, check_name
+from meshpipe.services.exit_policy import (
+    ExitPolicy,
+    ExitPolicyError,
+    IPAddress,
+    IPNetwork,
+    PortRange,
+    parse_network,
+)
 
 DEFAULT_CONTROL_SOCKET: Final = "/run/meshpipe/control.sock"
 DEFAULT_LISTEN: Final = "127.0.0.1:7700"
@@ -35,7 +48,15 @@ MIN_MTU: Final = 576
 MAX_MTU: Final = 65000
 MAX_WORKERS: Final = 1024
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-INTERFACE_KINDS: Final = ("udp",)
+INTERFACE_KINDS: Final = ("udp", "radio")
+# Radio: the MTU counts the link header and the mesh frame (see meshpipe.link.kiss);
+# the smallest one still carries a signed hello with one IHU behind the header.
+RADIO_DEFAULT_MTU: Final = 255
+RADIO_MIN_MTU: Final = CORE_MIN_MTU + RADIO_HEADER_LEN
+RADIO_MAX_MTU: Final = 4096
+# The rates termios can set on Linux.
+RADIO_BAUDS: Final = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800)
+RADIO_QUEUE_SECONDS: Final = 2.0  # default send queue: this much air time at rate_bps
 CONFIG_FILE: Final = "meshpipe.toml"
 KEY_FILE: Final = "node.key"
 # sun_path holds 108 bytes on Linux; keep one for the terminating NUL.
@@ -73,15 +94,68 @@ class TimingSection:
     route_expiry: float = 14.0
 
 
+# A radio's own timer defaults: idle hellos and route dumps between two radio
+# nodes stay near 60 bytes/s, about 2.5% of 19,200 bit/s (budget: under 5%).
+RADIO_TIMING: Final = TimingSection(
+    hello_interval=10.0, neighbour_timeout=35.0, update_interval=30.0, route_expiry=100.0
+)
+_TIMING_KEYS: Final = ("hello_interval", "neighbour_timeout", "update_interval", "route_expiry")
+
+
 @dataclass(frozen=True)
 class InterfaceConfig:
+    """One link. ``listen`` .. ``multicast_group`` are for kind "udp", ``device`` ..
+    ``queue_bytes`` for kind "radio" (``listen`` is ("", 0) on a radio).
+
+    ``timing`` is this interface's own timers, or None to use [timing]: set by the
+    timer keys in its table, and always set on a radio (RADIO_TIMING defaults).
+    """
+
     name: str
     kind: str
-    listen: tuple[str, int]
+    listen: tuple[str, int] = ("", 0)
     peers: tuple[tuple[str, int], ...] = ()
     discovery: bool = False
     multicast_group: str = DEFAULT_MULTICAST_GROUP
     mtu: int = DEFAULT_MTU
+    device: str = ""  # absolute path of the serial device
+    baud: int = 0
+    rate_bps: int = 0  # air rate budget, bit/s
+    queue_bytes: int = 0  # send queue limit
+    timing: TimingSection | None = None
+
+
+SERVICE_KINDS: Final = ("tcp",)
+# MSP ports given to [[service]] tables without a port: hashed from the name into this
+# range (probing upwards on a clash), so a node offers a service on the same port on
+# every start and a forwarder can be told the port once.
+AUTO_SERVICE_PORTS: Final = range(1024, 49152)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One ``[[service]]``: a local TCP target offered over MSP as ``name``."""
+
+    name: str
+    to: tuple[str, int]
+    port: int  # MSP port (given, or auto-assigned from the name)
+    allow: Acl = field(default_factory=Acl)  # closed unless the file says otherwise
+    hidden: bool = False  # served but not announced by discovery
+    kind: str = "tcp"
+
+
+@dataclass(frozen=True)
+class ExitSection:
+    """``[exit]``: this node as a SOCKS5 exit."""
+
+    enabled: bool = False
+    allow: Acl = field(default_factory=Acl)
+    allow_networks: tuple[IPNetwork, ...] = ()
+    deny_networks: tuple[IPNetwork, ...] = ()
+    allow_ports: tuple[PortRange, ...] = ()
+
+    def policy(self, own_addresses: Sequence[str | IPAddress] = ()) -> ExitPolicy:
+        return ExitPolicy(self.allow_networks, self.deny_networks, self.allow_ports, own_addresses)
 
 
 @dataclass(frozen=True)
@@ -91,6 +165,8 @@ class Config:
     workers: WorkersSection
     timing: TimingSection
     interfaces: tuple[InterfaceConfig, ...]
+    services: tuple[ServiceConfig, ...] = ()
+    exit: ExitSection = ExitSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -176,6 +252,7 @@ class _Context:
     path: str  # as the user gave it, for messages
     base_dir: str  # absolute directory relative paths resolve against
     cpu_count: int
+    timing: TimingSection = TimingSection()  # [timing], once parsed: interfaces inherit it
 
 
 class _Table:
@@ -328,8 +405,7 @@ def _section_workers(t: _Table) -> WorkersSection:
     )
 
 
-def _section_timing(t: _Table) -> TimingSection:
-    d = TimingSection()
+def _section_timing(t: _Table, d: TimingSection = TimingSection()) -> TimingSection:
     hello = t.seconds("hello_interval", d.hello_interval)
     timeout = t.seconds("neighbour_timeout", d.neighbour_timeout)
     update = t.seconds("update_interval", d.update_interval)
@@ -347,7 +423,9 @@ def _section_timing(t: _Table) -> TimingSection:
     return TimingSection(hello, timeout, update, expiry)
 
 
-_INTERFACE_KEYS = ("name", "kind", "listen", "peers", "discovery", "multicast_group", "mtu")
+_UDP_KEYS = ("listen", "peers", "discovery", "multicast_group")
+_RADIO_KEYS = ("device", "baud", "rate_bps", "queue_bytes")
+_INTERFACE_KEYS = ("name", "kind", *_UDP_KEYS, "mtu", *_RADIO_KEYS, *_TIMING_KEYS)
 
 
 def _interface(t: _Table) -> InterfaceConfig:
@@ -355,6 +433,16 @@ def _interface(t: _Table) -> InterfaceConfig:
     if not _IFACE_NAME.fullmatch(name):
         raise t.error("name", f"{name!r} must be 1 to 15 characters from a-z, 0-9, '_' and '-'")
     kind = t.choice("kind", INTERFACE_KINDS)
+    foreign = _RADIO_KEYS if kind == "udp" else _UDP_KEYS
+    for key in t.data:
+        if key in foreign:
+            other = "radio" if kind == "udp" else "udp"
+            raise t.error(key, f"is a {other} key; this interface has kind = {kind!r}")
+    timing: TimingSection | None = None
+    if kind == "radio" or any(k in t.data for k in _TIMING_KEYS):
+        timing = _section_timing(t, RADIO_TIMING if kind == "radio" else t.ctx.timing)
+    if kind == "radio":
+        return _radio_interface(t, name, timing)
     listen = t.hostport("listen")
     listen_ip = _ip(listen[0])
     if listen_ip.is_multicast:
@@ -389,7 +477,24 @@ def _interface(t: _Table) -> InterfaceConfig:
     mtu = t.integer("mtu", DEFAULT_MTU, lo=MIN_MTU, hi=MAX_MTU)
     return InterfaceConfig(
         name=name, kind=kind, listen=listen, peers=tuple(peers), discovery=discovery,
-        multicast_group=str(group_ip), mtu=mtu,
+        multicast_group=str(group_ip), mtu=mtu, timing=timing,
+    )
+
+
+def _radio_interface(t: _Table, name: str, timing: TimingSection | None) -> InterfaceConfig:
+    device = t.path("device")
+    baud = t.integer("baud")
+    if baud not in RADIO_BAUDS:
+        rates = ", ".join(map(str, RADIO_BAUDS))
+        raise t.error("baud", f"{baud} is not a serial rate; use one of {rates}")
+    mtu = t.integer("mtu", RADIO_DEFAULT_MTU, lo=RADIO_MIN_MTU, hi=RADIO_MAX_MTU)
+    rate = t.integer("rate_bps", baud, lo=300, hi=10_000_000)
+    # Enough for two worst-case (fully escaped) frames, or the queue could not work.
+    queue_default = max(4 * mtu + 8, int(rate / 10 * RADIO_QUEUE_SECONDS))
+    queue = t.integer("queue_bytes", queue_default, lo=4 * mtu + 8, hi=16 << 20)
+    return InterfaceConfig(
+        name, "radio", mtu=mtu, device=device, baud=baud, rate_bps=rate, queue_bytes=queue,
+        timing=timing,
     )
 
 
@@ -421,13 +526,136 @@ def _section_interfaces(ctx: _Context, value: object) -> tuple[InterfaceConfig, 
                     ctx.path, f"{prefix}.name",
                     f"duplicate interface name {iface.name!r} (also interface[{j}])",
                 )
-            if _overlaps(other.listen, iface.listen):
+            if iface.kind == "radio" and other.kind == "radio" and other.device == iface.device:
+                raise ConfigError(
+                    ctx.path, f"{prefix}.device",
+                    f"{iface.device} is already used by interface[{j}]",
+                )
+            if "udp" == iface.kind == other.kind and _overlaps(other.listen, iface.listen):
                 raise ConfigError(
                     ctx.path, f"{prefix}.listen",
                     f"{format_hostport(iface.listen)} clashes with interface[{j}] "
                     f"({format_hostport(other.listen)})",
                 )
         result.append(iface)
+    return tuple(result)
+
+
+def _acl(t: _Table, name: str) -> Acl:
+    """``allow``: "any" or an array of whole SIDs; absent means closed."""
+    if name not in t.data:
+        return Acl()
+    value = t.data[name]
+    if type(value) is str:
+        if value != "any":
+            raise t.error(name, f'must be "any" or an array of SIDs, got {value!r}')
+        return Acl.any()
+    if type(value) is not list:
+        raise t.error(name, f'must be "any" or an array of SIDs, got {_type_name(value)}')
+    assert isinstance(value, list)
+    for i, item in enumerate(value):
+        try:
+            Acl.parse([item])
+        except AclError as exc:
+            raise t.error(f"{name}[{i}]", str(exc)) from None
+    return Acl.parse(value)
+
+
+def _networks(t: _Table, name: str) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
+    for i, text in enumerate(t.string_list(name)):
+        try:
+            out.append(parse_network(text))
+        except ExitPolicyError as exc:
+            raise t.error(f"{name}[{i}]", str(exc)) from None
+    return tuple(out)
+
+
+def _section_exit(t: _Table) -> ExitSection:
+    value = t._get("allow_ports", [], "an array of ports or 'LO-HI' ranges")
+    if type(value) is not list:
+        raise t.error("allow_ports", f"must be an array of ports, got {_type_name(value)}")
+    assert isinstance(value, list)
+    ports: list[PortRange] = []
+    for i, item in enumerate(value):
+        if type(item) not in (int, str):
+            raise t.error(f"allow_ports[{i}]", f"must be a port or 'LO-HI', got {_type_name(item)}")
+        try:
+            ports.append(PortRange.parse(item))
+        except ExitPolicyError as exc:
+            raise t.error(f"allow_ports[{i}]", str(exc)) from None
+    return ExitSection(
+        enabled=t.boolean("enabled", False),
+        allow=_acl(t, "allow"),
+        allow_networks=_networks(t, "allow_networks"),
+        deny_networks=_networks(t, "deny_networks"),
+        allow_ports=tuple(ports),
+    )
+
+
+_SERVICE_KEYS = ("name", "to", "port", "allow", "hidden", "kind")
+
+
+def _auto_port(name: str, taken: set[int]) -> int:
+    r = AUTO_SERVICE_PORTS
+    digest = hashlib.blake2b(name.encode(), digest_size=4, person=b"meshpipe-svc").digest()
+    start = int.from_bytes(digest, "big") % len(r)
+    for k in range(len(r)):
+        port = r.start + (start + k) % len(r)
+        if port not in taken:
+            return port
+    raise ValueError("no MSP port left")  # 48128 services: cannot happen in practice
+
+
+def _section_services(ctx: _Context, value: object) -> tuple[ServiceConfig, ...]:
+    if value == {}:
+        return ()  # absent
+    if type(value) is not list:
+        raise ConfigError(
+            ctx.path, "service", "must be an array of tables: write each one as [[service]]"
+        )
+    assert isinstance(value, list)
+    tables: list[tuple[_Table, str, int | None]] = []
+    explicit: dict[int, int] = {}
+    names: dict[str, int] = {}
+    for i, item in enumerate(value):
+        prefix = f"service[{i}]"
+        if type(item) is not dict:
+            raise ConfigError(ctx.path, prefix, f"must be a table, got {_type_name(item)}")
+        t = _Table(ctx, prefix, item, _SERVICE_KEYS)
+        name = t.string("name")
+        try:
+            check_name(name)
+        except ServiceError as exc:
+            raise t.error("name", str(exc)) from None
+        if name in names:
+            raise t.error("name", f"duplicate service name {name!r} (also service[{names[name]}])")
+        names[name] = i
+        port: int | None = None
+        if "port" in t.data:
+            port = t.integer("port", lo=1, hi=65535)
+            if port in explicit:
+                raise t.error("port", f"MSP port {port} is also used by service[{explicit[port]}]")
+            explicit[port] = i
+        tables.append((t, name, port))
+    taken = set(explicit)
+    result: list[ServiceConfig] = []
+    for t, name, given in tables:
+        port = given if given is not None else _auto_port(name, taken)
+        taken.add(port)
+        to = t.hostport("to")
+        if _ip(to[0]).is_unspecified or _ip(to[0]).is_multicast:
+            raise t.error("to", f"{to[0]} cannot be a service target")
+        result.append(
+            ServiceConfig(
+                name=name,
+                to=to,
+                port=port,
+                allow=_acl(t, "allow"),
+                hidden=t.boolean("hidden", False),
+                kind=t.choice("kind", SERVICE_KINDS, "tcp"),
+            )
+        )
     return tuple(result)
 
 
@@ -464,6 +692,13 @@ _SECTIONS: Final[dict[str, _Section]] = {
         False,
     ),
     "interface": _Section(lambda ctx, _name, value: _section_interfaces(ctx, value), True),
+    "service": _Section(lambda ctx, _name, value: _section_services(ctx, value), False),
+    "exit": _Section(
+        _table_section(
+            ("enabled", "allow", "allow_networks", "deny_networks", "allow_ports"), _section_exit
+        ),
+        False,
+    ),
 }
 
 
@@ -497,12 +732,16 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
             raise ConfigError(path, name, f"required section {form} is missing")
         else:
             parsed[name] = section.parse(ctx, name, {})
+        if name == "timing":
+            ctx = replace(ctx, timing=parsed[name])  # per-interface timers inherit these
     return Config(
         path=os.path.abspath(path),
         node=parsed["node"],
         workers=parsed["workers"],
         timing=parsed["timing"],
         interfaces=parsed["interface"],
+        services=parsed["service"],
+        exit=parsed["exit"],
     )
 
 

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 
 from meshpipe.errors import MeshpipeError
 from meshpipe.noise import TAGLEN
-from meshpipe.session import MAX_PLAINTEXT, TRANSPORT_HEADER_LEN
+from meshpipe.session import MAX_PLAINTEXT, TRANSPORT_HEADER_LEN, max_plaintext
 from meshpipe.wire import DATA_HEADER_LEN
 
 PROTO_MDP = 1
-PROTO_MSP = 2  # reserved for stream sessions
 
 MDP_HEADER = struct.Struct("!BHH")
 MDP_HEADER_LEN = MDP_HEADER.size  # 5
@@ -82,7 +81,7 @@ MdpOut = MdpDatagram | MdpSend
 
 def max_payload(path_mtu: int) -> int:
     """Largest datagram payload that fits one DATA frame over ``path_mtu`` bytes."""
-    return max(0, min(path_mtu - MDP_OVERHEAD, MAX_PAYLOAD))
+    return max(0, max_plaintext(path_mtu) - MDP_HEADER_LEN)
 
 
 def encode(src_port: int, dst_port: int, payload: bytes) -> bytes:
@@ -169,7 +168,6 @@ __all__ = [
     "MDP_HEADER_LEN",
     "MDP_OVERHEAD",
     "PROTO_MDP",
-    "PROTO_MSP",
     "DatagramTooLarge",
     "Mdp",
     "MdpDatagram",

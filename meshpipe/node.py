@@ -59,7 +59,10 @@ from meshpipe.link.neighbours import (
 )
 from meshpipe.routing import SEQNO_MOD, Outgoing, Router, decode_routing, pack_routing
 
-MIN_MTU = 256  # a signed hello with one IHU, or one signed route update, must fit
+# A signed hello with one IHU (176 bytes at most) and one signed route update
+# (120 bytes) must fit; 192 leaves room for split_hello's slack and lets a
+# 255-byte radio frame carry a mesh frame behind its link header.
+MIN_MTU = 192
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,17 @@ class InterfaceParams:
     since they may have found us by their own static config and not hear the group),
     BROADCAST (radio, simulator: one frame reaches everyone) or None (unicast only,
     to static peers and known neighbours).
+
+    ``timing``, when set, overrides the node-wide hello interval, neighbour timeout,
+    update interval and route expiry on this interface (a slow radio must keep its
+    idle control traffic to a few percent of its rate); the other timers stay global.
     """
 
     name: str
     mtu: int = 1400
     flood_dest: LinkAddr | None = MULTICAST
     static_peers: tuple[LinkAddr, ...] = ()
+    timing: Timing | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class NodeCore:
         self.sid: Sid = identity.sid
         self.interfaces: tuple[InterfaceParams, ...] = tuple(interfaces)
         self.timing = timing
+        self.iface_timing = tuple(p.timing or timing for p in self.interfaces)
         self.rng = rng if rng is not None else _default_rng(identity, now)
         self.counters: collections.Counter[str] = collections.Counter()
         # The boot epoch tells neighbours we restarted (state about us must be reset);
@@ -185,6 +194,8 @@ class NodeCore:
             neighbour_timeout=timing.neighbour_timeout,
             epoch=epoch,
             rng=self.rng,
+            iface_hello_intervals=[t.hello_interval for t in self.iface_timing],
+            iface_timeouts=[t.neighbour_timeout for t in self.iface_timing],
         )
         self.router = Router(
             identity,
@@ -199,12 +210,15 @@ class NodeCore:
             triggered_delay=timing.triggered_delay,
             source_gc=timing.source_gc,
             jitter=timing.jitter,
+            iface_update_intervals=[
+                p.timing.update_interval if p.timing else None for p in interfaces
+            ],
+            iface_route_expiry=[p.timing.route_expiry if p.timing else None for p in interfaces],
         )
         # First hellos go out almost at once, spread a little so a mesh booted
         # together does not transmit in lockstep.
         self._next_hello = [
-            now + self.rng.random() * timing.jitter * timing.hello_interval
-            for _ in self.interfaces
+            now + self.rng.random() * timing.jitter * t.hello_interval for t in self.iface_timing
         ]
         self._fwd: dict[bytes, tuple[int, LinkAddr]] = {}
         self._dirty: dict[bytes, None] = {}  # ordered set, for deterministic replays
@@ -246,10 +260,11 @@ class NodeCore:
         for nb in tick.cost_changed:
             self.router.link_changed(nb.key, now)
             self._dirty[bytes(nb.sid)] = None
-        t = self.timing
         for i, p in enumerate(self.interfaces):
             if now >= self._next_hello[i]:
-                self._next_hello[i] = now + t.hello_interval * (1.0 - t.jitter * self.rng.random())
+                interval = self.iface_timing[i].hello_interval
+                jitter = self.timing.jitter * self.rng.random()
+                self._next_hello[i] = now + interval * (1.0 - jitter)
                 for f in self.links.build_hello(i, now, p.mtu):
                     out.extend(self._link_wide(i, f))
                     self.counters["hello.tx"] += 1
@@ -417,6 +432,8 @@ class NodeCore:
         for item in items:
             if item.to is None:
                 for i, p in enumerate(self.interfaces):
+                    if item.ifaces is not None and i not in item.ifaces:
+                        continue
                     frames = by_mtu.get((id(item), p.mtu))
                     if frames is None:
                         frames = pack_routing(item.updates, item.requests, p.mtu, self._next_seq)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshpipe import wire
@@ -233,11 +233,17 @@ class PendingRequest:
 
 @dataclass(slots=True)
 class Outgoing:
-    """Routing items to send: link-wide on every interface (``to`` None) or unicast."""
+    """Routing items to send: link-wide (``to`` None) or unicast.
+
+    A link-wide item goes to every interface, or only to ``ifaces`` when set
+    (periodic dumps run on per-interface schedules when an interface overrides
+    the update interval).
+    """
 
     to: NeighbourKey | None
     updates: list[Update] = field(default_factory=list)
     requests: list[SeqnoRequest] = field(default_factory=list)
+    ifaces: frozenset[int] | None = None
 
 
 class Router:
@@ -258,6 +264,8 @@ class Router:
         triggered_delay: float,
         source_gc: float,
         jitter: float,
+        iface_update_intervals: Sequence[float | None] = (),
+        iface_route_expiry: Sequence[float | None] = (),
     ) -> None:
         self.identity = identity
         self.sid = identity.sid
@@ -289,6 +297,22 @@ class Router:
         self.pending_at = math.inf
         self.unicast: list[Outgoing] = []
         self.next_dump = now + self.rng.random() * jitter * update_interval
+        # Interfaces with their own update interval (slow radios) dump on their own
+        # schedule; the rest share next_dump. Entries learnt on such an interface
+        # expire by its own route expiry, since its neighbours refresh them slower.
+        self.iface_update_intervals = {
+            i: v for i, v in enumerate(iface_update_intervals) if v is not None
+        }
+        self.iface_route_expiry = {i: v for i, v in enumerate(iface_route_expiry) if v is not None}
+        self.iface_next_dump = {
+            i: now + self.rng.random() * jitter * v for i, v in self.iface_update_intervals.items()
+        }
+        self.default_ifaces: frozenset[int] | None = None
+        if self.iface_update_intervals:
+            n = len(iface_update_intervals)
+            self.default_ifaces = frozenset(
+                i for i in range(n) if i not in self.iface_update_intervals
+            )
         self.next_sweep = now + self.sweep_interval
         self.events: list[Action] = []
         self.dirty: dict[bytes, None] = {}  # destinations whose forwarding may have changed
@@ -508,7 +532,11 @@ class Router:
         self.next_sweep = now + self.sweep_interval
         for origin in list(self.entries):
             es = self.entries[origin]
-            stale = [k for k, e in es.items() if now >= e.updated + self.route_expiry]
+            stale = [
+                k
+                for k, e in es.items()
+                if now >= e.updated + self.iface_route_expiry.get(k[0], self.route_expiry)
+            ]
             if not stale:
                 continue
             for k in stale:
@@ -568,6 +596,19 @@ class Router:
         """Everything due now: a full dump, triggered updates, requests, unicast items."""
         out: list[Outgoing] = []
         linkwide = Outgoing(None)
+        own_dumps = [i for i, t in self.iface_next_dump.items() if now >= t]
+        for i in own_dumps:
+            self.iface_next_dump[i] = now + self._jittered(self.iface_update_intervals[i])
+        if own_dumps:
+            out.append(Outgoing(None, self._dump_updates(now), ifaces=frozenset(own_dumps)))
+            self.counters["update.dump"] += 1
+        if now >= self.next_dump and self.default_ifaces is not None:
+            # Dump the shared-schedule interfaces; pending triggered updates still
+            # go out below for the interfaces on their own schedule.
+            self.next_dump = now + self._jittered(self.update_interval)
+            if self.default_ifaces:
+                out.append(Outgoing(None, self._dump_updates(now), ifaces=self.default_ifaces))
+                self.counters["update.dump"] += 1
         if now >= self.next_dump:
             self.next_dump = now + self._jittered(self.update_interval)
             linkwide.updates = self._dump_updates(now)
@@ -602,6 +643,7 @@ class Router:
 
     def next_deadline(self) -> float:
         t = min(self.next_dump, self.next_sweep, self.pending_at if self.pending else math.inf)
+        t = min(t, *self.iface_next_dump.values()) if self.iface_next_dump else t
         for req in self.requests_out.values():
             t = min(t, req.next_at)
         return t

@@ -91,6 +91,7 @@ from meshpipe.noise import (
     NoiseError,
 )
 from meshpipe.replay import DEFAULT_BLOCKS, ReplayWindow
+from meshpipe.wire import DATA_HEADER_LEN
 
 PROLOGUE = b"meshpipe-session-v1"
 
@@ -111,6 +112,11 @@ RESP_LEN = RESP_HEADER.size + MSG2_LEN  # 57
 # Bytes a transport packet adds to its plaintext.
 TRANSPORT_OVERHEAD = TRANSPORT_HEADER_LEN + TAGLEN  # 29
 MAX_PLAINTEXT = 65535 - TRANSPORT_OVERHEAD
+
+
+def max_plaintext(path_mtu: int) -> int:
+    """Largest session plaintext that fits one DATA frame over ``path_mtu`` bytes."""
+    return max(0, min(path_mtu - DATA_HEADER_LEN - TRANSPORT_OVERHEAD, MAX_PLAINTEXT))
 
 
 @dataclass(frozen=True)
@@ -842,4 +848,5 @@ __all__ = [
     "SessionParams",
     "TokenBucket",
     "Transmit",
+    "max_plaintext",
 ]

@@ -5,8 +5,9 @@ It speaks the simulator's node protocol (``on_frame`` / ``on_timer`` /
 
     frame -> NodeCore.on_frame -> Deliver(src, payload, hops)
           -> SessionManager.on_packet -> Plaintext(src, plaintext)
-          -> by the plaintext's first byte: 1 = MDP (meshpipe.mdp), 2 = MSP (to come,
-             through register_protocol), anything else dropped and counted
+          -> by the plaintext's first byte: 1 = MDP (meshpipe.mdp), 2 = MSP
+             (meshpipe.msp, registered through register_protocol), anything else
+             dropped and counted
     SessionManager Transmit(dst, payload) -> NodeCore.send_data -> SendFrame
 
 Deliver actions are consumed here (they carry ciphertext); everything else the core
@@ -17,6 +18,12 @@ Counters (``NodeStack.counters`` merges the core's, the sessions' and MDP's):
 ``stack.drop.unknown_proto``, ``mdp.drop.inbox_full``, ``stack.drop.internal_error``,
 ``ping.tx``, ``ping.rx``, ``ping.drop.unexpected``.
 Events added here: ``ping.reply`` (sid, seq, rtt_ms, hops).
+
+Service discovery (:mod:`meshpipe.services.discovery`) sits beside routing, not on
+sessions: DISCOVERY frames from known neighbours go to ``self.discovery`` (others:
+``discovery.drop.unknown_neighbour``) and its frames leave link-wide like route
+updates. API: ``announce_service``, ``withdraw_service``, ``query_services``,
+``services``; counters ``discovery.*``; events ``service.*``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshpipe import wire
 from meshpipe.actions import Action, Deliver, Event, ForwardingChanged, LinkAddr, SendFrame
 from meshpipe.identity import Identity, Sid
 from meshpipe.mdp import (
@@ -39,7 +47,14 @@ from meshpipe.mdp import (
     MdpSend,
     max_payload,
 )
+from meshpipe.msp import PROTO_MSP, Msp, MspParams
 from meshpipe.node import InterfaceParams, NeighbourInfo, NodeCore, RouteInfo, Timing
+from meshpipe.services.discovery import (
+    AttrValue,
+    DiscoveryOut,
+    DiscoveryTiming,
+    ServiceDiscovery,
+)
 from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
 
 
@@ -59,6 +74,7 @@ class SessionProtocol(Protocol):
     def next_deadline(self) -> float: ...
 
 
+_DISCOVERY_BYTE = wire.kind_byte(wire.KIND_DISCOVERY)
 PING_MAGIC = b"mpng"
 _PING = struct.Struct("!4sI")  # magic, sequence number; padding follows
 EPHEMERAL_PORTS = range(49152, 65536)
@@ -90,6 +106,8 @@ class NodeStack:
         random_bytes: Callable[[int], bytes] | None = None,
         inbox_limit: int = 1024,
         echo: bool = True,
+        discovery_timing: DiscoveryTiming | None = None,
+        msp_params: MspParams | None = None,
     ) -> None:
         self.identity = identity
         self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
@@ -103,15 +121,25 @@ class NodeStack:
             random_bytes=random_bytes if random_bytes is not None else os.urandom,
         )
         self.mdp = Mdp(echo=echo)
+        self.msp = Msp(identity.sid, self.path_mtu, msp_params)
+        self._protocols: dict[int, SessionProtocol] = {PROTO_MSP: self.msp}
         self.inbox_limit = inbox_limit
         self._inbox: dict[int, collections.deque[MdpDatagram]] = {}
-        self._protocols: dict[int, SessionProtocol] = {}
         self._counters: collections.Counter[str] = collections.Counter()
         self._ping_port: int | None = None
         self._ping_seq = 0
         self._pings: dict[tuple[bytes, int], float] = {}
         self._ping_replies: list[PingReply] = []
         self._now = now
+        # Service records carry wall-clock expiry: epoch_ns is the wall clock at ``now``
+        # (0 in simulations: the shared simulated clock is then the wall clock).
+        self.discovery = ServiceDiscovery(
+            identity,
+            now,
+            clock_offset=epoch_ns / 1e9 - now if epoch_ns else 0.0,
+            mtu=min(p.mtu for p in self.core.interfaces),
+            timing=discovery_timing,
+        )
 
     @property
     def sid(self) -> Sid:
@@ -121,6 +149,12 @@ class NodeStack:
 
     def on_frame(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> list[Action]:
         self._now = now
+        if frame[:1] == _DISCOVERY_BYTE:
+            # Link-local like routing: only from neighbours we have a hello from.
+            if (iface, src) not in self.core.links.by_key:
+                self._counters["discovery.drop.unknown_neighbour"] += 1
+                return []
+            return self._discovery_outs(self.discovery.on_message((iface, src), frame, now))
         return self._process(self.core.on_frame(iface, src, frame, now), now)
 
     def on_timer(self, now: float) -> list[Action]:
@@ -130,6 +164,8 @@ class NodeStack:
             out = self._process(self.core.on_timer(now), now)
         if now >= self.session.next_deadline():
             self._session_outs(self.session.on_timer(now), 0, now, out)
+        if now >= self.discovery.next_deadline():
+            out.extend(self._discovery_outs(self.discovery.on_timer(now)))
         for proto in self._protocols.values():
             if now >= proto.next_deadline():
                 for dst, plaintext in proto.on_timer(now):
@@ -140,6 +176,7 @@ class NodeStack:
         return min(
             self.core.next_deadline(),
             self.session.next_deadline(),
+            self.discovery.next_deadline(),
             *(p.next_deadline() for p in self._protocols.values()),
         )
 
@@ -234,6 +271,46 @@ class NodeStack:
         out, self._ping_replies = self._ping_replies, []
         return out
 
+    # -- services (discovery) -------------------------------------------------------------
+
+    def announce_service(
+        self,
+        name: str,
+        port: int,
+        now: float,
+        kind: str = "tcp",
+        attrs: dict[str, AttrValue] | None = None,
+        hidden: bool = False,
+    ) -> list[Action]:
+        """Offer a local service on MSP ``port`` (announced to the mesh unless hidden)."""
+        self._now = now
+        outs = self.discovery.announce(name, port, now, kind=kind, attrs=attrs, hidden=hidden)
+        return self._discovery_outs(outs)
+
+    def withdraw_service(self, name: str, now: float) -> list[Action]:
+        self._now = now
+        return self._discovery_outs(self.discovery.withdraw(name, now))
+
+    def query_services(
+        self, now: float, name: str | None = None, scope: int | None = None
+    ) -> list[Action]:
+        """Ask the mesh for ``name`` (or everything); answers show up in ``services``."""
+        self._now = now
+        return self._discovery_outs(self.discovery.query(now, name, scope))
+
+    def services(self, now: float | None = None) -> list[dict[str, Any]]:
+        return self.discovery.services(self._now if now is None else now)
+
+    def _discovery_outs(self, outs: Sequence[DiscoveryOut]) -> list[Action]:
+        out: list[Action] = list(self.discovery.drain_events())
+        for o in outs:
+            if o.to is None:
+                for i in range(len(self.core.interfaces)):
+                    out.extend(self.core._link_wide(i, o.frame))
+            else:
+                out.append(SendFrame(o.to[0], o.to[1], o.frame))
+        return out
+
     # -- pass-through --------------------------------------------------------------------
 
     def sessions(self, now: float | None = None) -> list[dict[str, Any]]:
@@ -252,7 +329,13 @@ class NodeStack:
     def counters(self) -> collections.Counter[str]:
         """All layers' counters merged (a fresh Counter)."""
         merged: collections.Counter[str] = collections.Counter()
-        for c in (self.core.counters, self.session.counters, self.mdp.counters, self._counters):
+        for c in (
+            self.core.counters,
+            self.session.counters,
+            self.mdp.counters,
+            self.discovery.counters,
+            self._counters,
+        ):
             merged.update(c)
         return merged
 

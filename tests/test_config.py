@@ -10,6 +10,7 @@ import pytest
 
 from meshpipe.config import (
     DEFAULT_CONTROL_SOCKET,
+    RADIO_TIMING,
     Config,
     InterfaceConfig,
     TimingSection,
@@ -104,8 +105,13 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
     assert cfg.timing == TimingSection(1.0, 4.0, 4.0, 14.0)
     assert cfg.interfaces == (
         InterfaceConfig(
-            name="udp0", kind="udp", listen=("198.18.0.1", 7700), peers=(), discovery=False,
-            multicast_group="239.255.77.77", mtu=1400,
+            name="udp0",
+            kind="udp",
+            listen=("198.18.0.1", 7700),
+            peers=(),
+            discovery=False,
+            multicast_group="239.255.77.77",
+            mtu=1400,
         ),
     )
 
@@ -289,105 +295,244 @@ BAD_VALUES: list[tuple[str, str, str, str]] = [
     ("key-not-string", MINIMAL.replace('"node.key"', "7"), "node.key", "must be a string"),
     ("key-empty", MINIMAL.replace('"node.key"', '""'), "node.key", "must not be empty"),
     ("socket-bool", node("control_socket = true"), "node.control_socket", "must be a string"),
-    ("socket-too-long", node(f'control_socket = "/{"s" * 120}"'), "node.control_socket",
-     "107 bytes"),
+    (
+        "socket-too-long",
+        node(f'control_socket = "/{"s" * 120}"'),
+        "node.control_socket",
+        "107 bytes",
+    ),
     ("name-int", node("name = 5"), "node.name", "must be a string"),
     ("name-empty", node('name = " "'), "node.name", "must not be empty"),
     ("name-control-char", node('name = "a\\nb"'), "node.name", "control characters"),
-    ("log-level", node('log_level = "verbose"'), "node.log_level",
-     "debug, info, warning, error"),
+    ("log-level", node('log_level = "verbose"'), "node.log_level", "debug, info, warning, error"),
     ("log-level-upper", node('log_level = "INFO"'), "node.log_level", "must be one of"),
-    ("workers-zero", MINIMAL + "[workers]\nper_interface = 0\n", "workers.per_interface",
-     "between 1 and"),
+    (
+        "workers-zero",
+        MINIMAL + "[workers]\nper_interface = 0\n",
+        "workers.per_interface",
+        "between 1 and",
+    ),
     ("workers-negative", MINIMAL + "[workers]\ncrypto = -2\n", "workers.crypto", "between 1"),
     ("workers-huge", MINIMAL + "[workers]\ncrypto = 100000\n", "workers.crypto", "between 1"),
-    ("workers-float", MINIMAL + "[workers]\nper_interface = 1.5\n", "workers.per_interface",
-     '"auto"'),
-    ("workers-bool", MINIMAL + "[workers]\nper_interface = true\n", "workers.per_interface",
-     '"auto"'),
+    (
+        "workers-float",
+        MINIMAL + "[workers]\nper_interface = 1.5\n",
+        "workers.per_interface",
+        '"auto"',
+    ),
+    (
+        "workers-bool",
+        MINIMAL + "[workers]\nper_interface = true\n",
+        "workers.per_interface",
+        '"auto"',
+    ),
     ("workers-word", MINIMAL + '[workers]\ncrypto = "many"\n', "workers.crypto", '"auto"'),
-    ("workers-not-table", 'workers = 3\n' + MINIMAL, "workers", "must be a table"),
-    ("hello-negative", MINIMAL + "[timing]\nhello_interval = -1.0\n", "timing.hello_interval",
-     "positive"),
-    ("hello-zero", MINIMAL + "[timing]\nhello_interval = 0\n", "timing.hello_interval",
-     "positive"),
-    ("hello-inf", MINIMAL + "[timing]\nhello_interval = inf\n", "timing.hello_interval",
-     "positive"),
-    ("hello-nan", MINIMAL + "[timing]\nhello_interval = nan\n", "timing.hello_interval",
-     "positive"),
-    ("timing-string", MINIMAL + '[timing]\nroute_expiry = "14"\n', "timing.route_expiry",
-     "number of seconds"),
-    ("timing-bool", MINIMAL + "[timing]\nupdate_interval = true\n", "timing.update_interval",
-     "number of seconds"),
-    ("timeout-below-hello", MINIMAL + "[timing]\nhello_interval = 2.0\nneighbour_timeout = 1.5\n",
-     "timing.neighbour_timeout", "greater than timing.hello_interval"),
-    ("timeout-equal-hello", MINIMAL + "[timing]\nhello_interval = 4.0\n",
-     "timing.neighbour_timeout", "greater than timing.hello_interval (4)"),
-    ("expiry-below-update", MINIMAL + "[timing]\nroute_expiry = 3\n", "timing.route_expiry",
-     "greater than timing.update_interval"),
-    ("expiry-vs-raised-update", MINIMAL + "[timing]\nupdate_interval = 20\n",
-     "timing.route_expiry", "greater than timing.update_interval (20)"),
+    ("workers-not-table", "workers = 3\n" + MINIMAL, "workers", "must be a table"),
+    (
+        "hello-negative",
+        MINIMAL + "[timing]\nhello_interval = -1.0\n",
+        "timing.hello_interval",
+        "positive",
+    ),
+    ("hello-zero", MINIMAL + "[timing]\nhello_interval = 0\n", "timing.hello_interval", "positive"),
+    (
+        "hello-inf",
+        MINIMAL + "[timing]\nhello_interval = inf\n",
+        "timing.hello_interval",
+        "positive",
+    ),
+    (
+        "hello-nan",
+        MINIMAL + "[timing]\nhello_interval = nan\n",
+        "timing.hello_interval",
+        "positive",
+    ),
+    (
+        "timing-string",
+        MINIMAL + '[timing]\nroute_expiry = "14"\n',
+        "timing.route_expiry",
+        "number of seconds",
+    ),
+    (
+        "timing-bool",
+        MINIMAL + "[timing]\nupdate_interval = true\n",
+        "timing.update_interval",
+        "number of seconds",
+    ),
+    (
+        "timeout-below-hello",
+        MINIMAL + "[timing]\nhello_interval = 2.0\nneighbour_timeout = 1.5\n",
+        "timing.neighbour_timeout",
+        "greater than timing.hello_interval",
+    ),
+    (
+        "timeout-equal-hello",
+        MINIMAL + "[timing]\nhello_interval = 4.0\n",
+        "timing.neighbour_timeout",
+        "greater than timing.hello_interval (4)",
+    ),
+    (
+        "expiry-below-update",
+        MINIMAL + "[timing]\nroute_expiry = 3\n",
+        "timing.route_expiry",
+        "greater than timing.update_interval",
+    ),
+    (
+        "expiry-vs-raised-update",
+        MINIMAL + "[timing]\nupdate_interval = 20\n",
+        "timing.route_expiry",
+        "greater than timing.update_interval (20)",
+    ),
     ("iface-name-upper", MINIMAL.replace('"udp0"', '"UDP0"'), "interface[0].name", "a-z"),
-    ("iface-name-long", MINIMAL.replace('"udp0"', '"a' + "b" * 15 + '"'), "interface[0].name",
-     "1 to 15"),
+    (
+        "iface-name-long",
+        MINIMAL.replace('"udp0"', '"a' + "b" * 15 + '"'),
+        "interface[0].name",
+        "1 to 15",
+    ),
     ("iface-name-empty", MINIMAL.replace('"udp0"', '""'), "interface[0].name", "1 to 15"),
     ("iface-name-space", MINIMAL.replace('"udp0"', '"udp 0"'), "interface[0].name", "a-z"),
-    ("kind-radio", MINIMAL.replace('kind = "udp"', 'kind = "radio"'), "interface[0].kind",
-     "must be one of udp"),
-    ("kind-int", MINIMAL.replace('kind = "udp"', "kind = 1"), "interface[0].kind",
-     "must be a string"),
-    ("listen-no-port", iface('listen = "198.18.0.1"', "listen"), "interface[0].listen",
-     "missing port"),
-    ("listen-port-zero", iface('listen = "198.18.0.1:0"', "listen"), "interface[0].listen",
-     "out of range"),
-    ("listen-port-big", iface('listen = "198.18.0.1:65536"', "listen"), "interface[0].listen",
-     "out of range"),
-    ("listen-port-word", iface('listen = "198.18.0.1:http"', "listen"), "interface[0].listen",
-     "not a number"),
-    ("listen-port-negative", iface('listen = "198.18.0.1:-1"', "listen"),
-     "interface[0].listen", "not a number"),
-    ("listen-hostname", iface('listen = "localhost:7700"', "listen"), "interface[0].listen",
-     "not a numeric IPv4 address"),
-    ("listen-bad-ipv4", iface('listen = "198.18.0.256:7700"', "listen"), "interface[0].listen",
-     "not a numeric IPv4 address"),
-    ("listen-ipv6-unbracketed", iface('listen = "::1:7700"', "listen"), "interface[0].listen",
-     "brackets"),
-    ("listen-bad-ipv6", iface('listen = "[::g]:7700"', "listen"), "interface[0].listen",
-     "not a numeric IPv6 address"),
-    ("listen-ipv6-no-close", iface('listen = "[::1:7700"', "listen"), "interface[0].listen",
-     "missing ']'"),
-    ("listen-multicast", iface('listen = "239.255.77.77:7700"', "listen"),
-     "interface[0].listen", "multicast"),
+    (
+        "kind-unknown",
+        MINIMAL.replace('kind = "udp"', 'kind = "serial"'),
+        "interface[0].kind",
+        "must be one of udp, radio",
+    ),
+    (
+        "kind-int",
+        MINIMAL.replace('kind = "udp"', "kind = 1"),
+        "interface[0].kind",
+        "must be a string",
+    ),
+    (
+        "listen-no-port",
+        iface('listen = "198.18.0.1"', "listen"),
+        "interface[0].listen",
+        "missing port",
+    ),
+    (
+        "listen-port-zero",
+        iface('listen = "198.18.0.1:0"', "listen"),
+        "interface[0].listen",
+        "out of range",
+    ),
+    (
+        "listen-port-big",
+        iface('listen = "198.18.0.1:65536"', "listen"),
+        "interface[0].listen",
+        "out of range",
+    ),
+    (
+        "listen-port-word",
+        iface('listen = "198.18.0.1:http"', "listen"),
+        "interface[0].listen",
+        "not a number",
+    ),
+    (
+        "listen-port-negative",
+        iface('listen = "198.18.0.1:-1"', "listen"),
+        "interface[0].listen",
+        "not a number",
+    ),
+    (
+        "listen-hostname",
+        iface('listen = "localhost:7700"', "listen"),
+        "interface[0].listen",
+        "not a numeric IPv4 address",
+    ),
+    (
+        "listen-bad-ipv4",
+        iface('listen = "198.18.0.256:7700"', "listen"),
+        "interface[0].listen",
+        "not a numeric IPv4 address",
+    ),
+    (
+        "listen-ipv6-unbracketed",
+        iface('listen = "::1:7700"', "listen"),
+        "interface[0].listen",
+        "brackets",
+    ),
+    (
+        "listen-bad-ipv6",
+        iface('listen = "[::g]:7700"', "listen"),
+        "interface[0].listen",
+        "not a numeric IPv6 address",
+    ),
+    (
+        "listen-ipv6-no-close",
+        iface('listen = "[::1:7700"', "listen"),
+        "interface[0].listen",
+        "missing ']'",
+    ),
+    (
+        "listen-multicast",
+        iface('listen = "239.255.77.77:7700"', "listen"),
+        "interface[0].listen",
+        "multicast",
+    ),
     ("listen-int", iface("listen = 7700", "listen"), "interface[0].listen", "must be a string"),
-    ("peers-string", iface('peers = "198.18.0.2:7700"'), "interface[0].peers",
-     "array of strings"),
-    ("peer-int", iface('peers = ["198.18.0.2:7700", 5]'), "interface[0].peers[1]",
-     "must be a string"),
-    ("peer-bad-port", iface('peers = ["198.18.0.2:99999"]'), "interface[0].peers[0]",
-     "out of range"),
-    ("peer-hostname", iface('peers = ["peer.example:7700"]'), "interface[0].peers[0]",
-     "host names are not accepted"),
-    ("peer-unspecified", iface('peers = ["0.0.0.0:7700"]'), "interface[0].peers[0]",
-     "cannot be a peer"),
-    ("peer-family", iface('peers = ["[::1]:7700"]'), "interface[0].peers[0]",
-     "IPv6 peer cannot be reached"),
-    ("peer-duplicate", iface('peers = ["198.18.0.2:7700", "198.18.0.2:7700"]'),
-     "interface[0].peers[1]", "listed twice"),
-    ("discovery-string", iface('discovery = "yes"'), "interface[0].discovery",
-     "true or false"),
-    ("discovery-ipv6", iface("discovery = true", "listen") + 'listen = "[::1]:7700"\n',
-     "interface[0].discovery", "IPv4"),
-    ("group-unicast", iface('multicast_group = "198.18.0.9"'), "interface[0].multicast_group",
-     "not a multicast address"),
-    ("group-garbage", iface('multicast_group = "lan"'), "interface[0].multicast_group",
-     "not a numeric IPv4"),
+    ("peers-string", iface('peers = "198.18.0.2:7700"'), "interface[0].peers", "array of strings"),
+    (
+        "peer-int",
+        iface('peers = ["198.18.0.2:7700", 5]'),
+        "interface[0].peers[1]",
+        "must be a string",
+    ),
+    (
+        "peer-bad-port",
+        iface('peers = ["198.18.0.2:99999"]'),
+        "interface[0].peers[0]",
+        "out of range",
+    ),
+    (
+        "peer-hostname",
+        iface('peers = ["peer.example:7700"]'),
+        "interface[0].peers[0]",
+        "host names are not accepted",
+    ),
+    (
+        "peer-unspecified",
+        iface('peers = ["0.0.0.0:7700"]'),
+        "interface[0].peers[0]",
+        "cannot be a peer",
+    ),
+    (
+        "peer-family",
+        iface('peers = ["[::1]:7700"]'),
+        "interface[0].peers[0]",
+        "IPv6 peer cannot be reached",
+    ),
+    (
+        "peer-duplicate",
+        iface('peers = ["198.18.0.2:7700", "198.18.0.2:7700"]'),
+        "interface[0].peers[1]",
+        "listed twice",
+    ),
+    ("discovery-string", iface('discovery = "yes"'), "interface[0].discovery", "true or false"),
+    (
+        "discovery-ipv6",
+        iface("discovery = true", "listen") + 'listen = "[::1]:7700"\n',
+        "interface[0].discovery",
+        "IPv4",
+    ),
+    (
+        "group-unicast",
+        iface('multicast_group = "198.18.0.9"'),
+        "interface[0].multicast_group",
+        "not a multicast address",
+    ),
+    (
+        "group-garbage",
+        iface('multicast_group = "lan"'),
+        "interface[0].multicast_group",
+        "not a numeric IPv4",
+    ),
     ("mtu-small", iface("mtu = 575"), "interface[0].mtu", "at least 576"),
     ("mtu-big", iface("mtu = 65001"), "interface[0].mtu", "at most 65000"),
     ("mtu-negative", iface("mtu = -1400"), "interface[0].mtu", "at least 576"),
     ("mtu-float", iface("mtu = 1400.0"), "interface[0].mtu", "must be an integer"),
     ("mtu-string", iface('mtu = "1400"'), "interface[0].mtu", "must be an integer"),
-    ("iface-not-table", 'interface = [1]\n[node]\nkey = "k"\n', "interface[0]",
-     "must be a table"),
+    ("iface-not-table", 'interface = [1]\n[node]\nkey = "k"\n', "interface[0]", "must be a table"),
 ]
 
 
@@ -404,8 +549,12 @@ SECOND = '[[interface]]\nname = "{name}"\nkind = "udp"\nlisten = "{listen}"\n'
 @pytest.mark.parametrize(
     ("name", "listen", "key", "reason"),
     [
-        ("udp0", "198.18.0.1:7701", "interface[1].name",
-         "duplicate interface name 'udp0' (also interface[0])"),
+        (
+            "udp0",
+            "198.18.0.1:7701",
+            "interface[1].name",
+            "duplicate interface name 'udp0' (also interface[0])",
+        ),
         ("udp1", "198.18.0.1:7700", "interface[1].listen", "clashes with interface[0]"),
         ("udp1", "0.0.0.0:7700", "interface[1].listen", "clashes with interface[0]"),
     ],
@@ -422,7 +571,9 @@ def test_interfaces_on_other_ports_or_families_do_not_clash(tmp_path: Path) -> N
         + SECOND.format(name="udp2", listen="[::]:7700")
     )
     assert [i.name for i in load_config(write(tmp_path, text)).interfaces] == [
-        "udp0", "udp1", "udp2"
+        "udp0",
+        "udp1",
+        "udp2",
     ]
 
 
@@ -448,9 +599,24 @@ def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "198.18.0.1", "198.18.0.1:", ":7700", "198.18.0.1:0", "198.18.0.1:65536",
-     "198.18.0.1:+1", "198.18.0.1:٣", "host:7700", "::1:7700", "[::1]", "[::1]7700",
-     "[198.18.0.1]:7700", "198.18.0.01:7700", "1.2.3:7700", "[::1]:7700:1"],
+    [
+        "",
+        "198.18.0.1",
+        "198.18.0.1:",
+        ":7700",
+        "198.18.0.1:0",
+        "198.18.0.1:65536",
+        "198.18.0.1:+1",
+        "198.18.0.1:٣",
+        "host:7700",
+        "::1:7700",
+        "[::1]",
+        "[::1]7700",
+        "[198.18.0.1]:7700",
+        "198.18.0.01:7700",
+        "1.2.3:7700",
+        "[::1]:7700:1",
+    ],
 )
 def test_parse_hostport_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"\S"):
@@ -571,3 +737,257 @@ def test_starter_config_bad_arguments_write_nothing(
     assert info.value.key == key
     assert str(d / "meshpipe.toml") in str(info.value)
     assert not d.exists()
+
+
+# -- radio interfaces --------------------------------------------------------------------------
+
+RADIO = """\
+[node]
+key = "node.key"
+
+[[interface]]
+name = "radio0"
+kind = "radio"
+device = "/dev/ttyUSB0"
+baud = 19200
+"""
+
+
+def test_radio_interface_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, RADIO))
+    (r,) = cfg.interfaces
+    assert (r.kind, r.device, r.baud, r.rate_bps, r.mtu) == (
+        "radio",
+        "/dev/ttyUSB0",
+        19200,
+        19200,
+        255,
+    )
+    assert r.queue_bytes == 3840  # two seconds of air time at 19,200 bit/s
+    assert r.timing == RADIO_TIMING
+    assert r.listen == ("", 0) and r.peers == ()
+    assert cfg.timing == TimingSection()  # the node-wide timers are untouched
+
+
+def test_radio_interface_full(tmp_path: Path) -> None:
+    text = RADIO.replace('device = "/dev/ttyUSB0"', 'device = "tty/radio"') + (
+        "mtu = 200\nrate_bps = 9600\nqueue_bytes = 5000\nhello_interval = 20\n"
+        "neighbour_timeout = 70\n"
+    )
+    text += MINIMAL.split("\n\n", 1)[1]  # and a UDP interface beside it
+    cfg = load_config(write(tmp_path, text))
+    r, u = cfg.interfaces
+    assert r.device == str(tmp_path / "tty" / "radio")
+    assert (r.mtu, r.rate_bps, r.queue_bytes) == (200, 9600, 5000)
+    assert r.timing == TimingSection(
+        20.0, 70.0, RADIO_TIMING.update_interval, RADIO_TIMING.route_expiry
+    )
+    assert u.kind == "udp" and u.timing is None
+
+
+def test_udp_interface_timing_inherits_timing_section(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[[interface]]", "[timing]\nhello_interval = 0.5\n\n[[interface]]")
+    cfg = load_config(write(tmp_path, text + "update_interval = 8\nroute_expiry = 30\n"))
+    assert cfg.interfaces[0].timing == TimingSection(0.5, 4.0, 8.0, 30.0)
+
+
+RADIO_BAD: list[tuple[str, str, str, str]] = [
+    (
+        "udp-key-on-radio",
+        RADIO + 'listen = "198.18.0.1:7700"\n',
+        "interface[0].listen",
+        "is a udp key; this interface has kind = 'radio'",
+    ),
+    ("peers-on-radio", RADIO + "peers = []\n", "interface[0].peers", "is a udp key"),
+    (
+        "radio-key-on-udp",
+        MINIMAL + "baud = 9600\n",
+        "interface[0].baud",
+        "is a radio key; this interface has kind = 'udp'",
+    ),
+    ("device-on-udp", MINIMAL + 'device = "/dev/ttyS0"\n', "interface[0].device", "is a radio key"),
+    ("no-device", RADIO.replace('device = "/dev/ttyUSB0"\n', ""), "interface[0].device", "missing"),
+    ("no-baud", RADIO.replace("baud = 19200\n", ""), "interface[0].baud", "missing"),
+    ("odd-baud", RADIO.replace("19200", "19000"), "interface[0].baud", "not a serial rate"),
+    ("baud-string", RADIO.replace("19200", '"19200"'), "interface[0].baud", "an integer"),
+    ("mtu-small", RADIO + "mtu = 128\n", "interface[0].mtu", "at least 196"),
+    ("mtu-big", RADIO + "mtu = 5000\n", "interface[0].mtu", "at most 4096"),
+    ("rate-small", RADIO + "rate_bps = 10\n", "interface[0].rate_bps", "at least 300"),
+    ("queue-small", RADIO + "queue_bytes = 100\n", "interface[0].queue_bytes", "at least"),
+    (
+        "radio-timeout",
+        RADIO + "hello_interval = 40\n",
+        "interface[0].neighbour_timeout",
+        "greater than interface[0].hello_interval (40)",
+    ),
+    (
+        "udp-timing-bad",
+        MINIMAL + "update_interval = 20\n",
+        "interface[0].route_expiry",
+        "greater than interface[0].update_interval (20)",
+    ),
+    (
+        "same-device",
+        RADIO + RADIO.split("\n\n", 1)[1].replace("radio0", "radio1"),
+        "interface[1].device",
+        "already used by interface[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"), [r[1:] for r in RADIO_BAD], ids=[r[0] for r in RADIO_BAD]
+)
+def test_radio_bad_value(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    assert_error(tmp_path, text, key, reason)
+
+
+# -- [[service]] and [exit] -------------------------------------------------------------------
+
+SID_A = str(Identity.from_seed(b"a" * 32).sid)
+SID_B = str(Identity.from_seed(b"b" * 32).sid)
+
+SERVICES = (
+    MINIMAL
+    + f"""
+[[service]]
+name = "web"
+to = "127.0.0.1:8080"
+allow = ["{SID_A}", "{SID_B}"]
+
+[[service]]
+name = "ssh"
+to = "[::1]:22"
+port = 2222
+allow = "any"
+hidden = true
+kind = "tcp"
+
+[[service]]
+name = "closed"
+to = "198.18.0.9:9"
+
+[exit]
+enabled = true
+allow = ["{SID_A}"]
+allow_networks = ["198.18.0.0/15", "fd00::/8"]
+deny_networks = ["198.18.7.0/24"]
+allow_ports = [80, "443", "8000-8100"]
+"""
+)
+
+
+def test_services_and_exit(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SERVICES), cpu_count=1)
+    web, ssh, closed = cfg.services
+    assert (web.name, web.to, web.hidden, web.kind) == ("web", ("127.0.0.1", 8080), False, "tcp")
+    assert web.allow.allows(bytes.fromhex(SID_A)) and web.allow.allows(bytes.fromhex(SID_B))
+    assert (ssh.to, ssh.port, ssh.hidden) == (("::1", 22), 2222, True)
+    assert ssh.allow.open_to_all
+    assert not closed.allow.allows(bytes.fromhex(SID_A))  # no allow list: closed
+    assert len({web.port, ssh.port, closed.port}) == 3
+    assert all(1024 <= s.port < 49152 for s in (web, closed))
+    ex = cfg.exit
+    assert ex.enabled and ex.allow.allows(bytes.fromhex(SID_A))
+    assert not ex.allow.allows(bytes.fromhex(SID_B))
+    assert [str(n) for n in ex.allow_networks] == ["198.18.0.0/15", "fd00::/8"]
+    assert [str(p) for p in ex.allow_ports] == ["80", "443", "8000-8100"]
+    policy = ex.policy(own_addresses=["198.18.0.1"])
+    assert policy.check("198.18.0.9", 8050).allowed
+    assert policy.check("198.18.7.1", 80).reason == "denied_network"
+    assert policy.check("198.18.0.1", 80).reason == "own_address"
+
+
+def test_no_services_no_exit_by_default(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), cpu_count=1)
+    assert cfg.services == ()
+    assert not cfg.exit.enabled and not cfg.exit.allow.open_to_all and not cfg.exit.allow.sids
+
+
+def test_auto_port_is_deterministic_and_avoids_given_ports(tmp_path: Path) -> None:
+    one = MINIMAL + '[[service]]\nname = "web"\nto = "127.0.0.1:80"\n'
+    auto = load_config(write(tmp_path, one), cpu_count=1).services[0].port
+    assert load_config(write(tmp_path, one, "b.toml"), cpu_count=1).services[0].port == auto
+    both = one + f'[[service]]\nname = "other"\nto = "127.0.0.1:81"\nport = {auto}\n'
+    web, other = load_config(write(tmp_path, both, "c.toml"), cpu_count=1).services
+    assert other.port == auto and web.port != auto
+
+
+def svc(extra: str, to: str = '"127.0.0.1:80"') -> str:
+    return MINIMAL + f'[[service]]\nname = "web"\nto = {to}\n' + extra
+
+
+SERVICE_BAD: list[tuple[str, str, str, str]] = [
+    ("prefix", svc(f'allow = ["{SID_A[:16]}"]\n'), "service[0].allow[0]", "SID prefix"),
+    ("not-sid", svc('allow = ["bob"]\n'), "service[0].allow[0]", "not a SID"),
+    ("any-in-list", svc(f'allow = ["{SID_A}", "any"]\n'), "service[0].allow[1]", "any"),
+    ("allow-word", svc('allow = "all"\n'), "service[0].allow", 'must be "any"'),
+    ("allow-int", svc("allow = 1\n"), "service[0].allow", "got an integer"),
+    ("no-to", MINIMAL + '[[service]]\nname = "web"\n', "service[0].to", "missing"),
+    ("no-name", MINIMAL + '[[service]]\nto = "127.0.0.1:1"\n', "service[0].name", "missing"),
+    ("bad-name", svc("").replace('"web"', '"Web Site"'), "service[0].name", "service name"),
+    ("host-name", svc("", '"localhost:80"'), "service[0].to", "not a numeric"),
+    ("to-any", svc("", '"0.0.0.0:80"'), "service[0].to", "cannot be a service target"),
+    ("port-0", svc("port = 0\n"), "service[0].port", "at least 1"),
+    ("kind", svc('kind = "udp"\n'), "service[0].kind", "must be one of tcp"),
+    ("hidden-str", svc('hidden = "yes"\n'), "service[0].hidden", "true or false"),
+    ("unknown-key", svc("allowed = []\n"), "service[0].allowed", "did you mean 'allow'"),
+    (
+        "dup-name",
+        svc("") + '[[service]]\nname = "web"\nto = "127.0.0.1:81"\n',
+        "service[1].name",
+        "duplicate service name 'web'",
+    ),
+    (
+        "dup-port",
+        svc("port = 5000\n") + '[[service]]\nname = "b"\nto = "127.0.0.1:81"\nport = 5000\n',
+        "service[1].port",
+        "also used by service[0]",
+    ),
+    ("single-table", MINIMAL + '[service]\nname = "web"\n', "service", "[[service]]"),
+    ("exit-prefix", MINIMAL + f'[exit]\nallow = ["{SID_A[:8]}"]\n', "exit.allow[0]", "prefix"),
+    (
+        "exit-net",
+        MINIMAL + '[exit]\nallow_networks = ["198.18.0.1/15"]\n',
+        "exit.allow_networks[0]",
+        "host bits",
+    ),
+    (
+        "exit-net-type",
+        MINIMAL + "[exit]\ndeny_networks = [1]\n",
+        "exit.deny_networks[0]",
+        "must be a string",
+    ),
+    (
+        "exit-ports",
+        MINIMAL + '[exit]\nallow_ports = ["90-80"]\n',
+        "exit.allow_ports[0]",
+        "bad port range",
+    ),
+    (
+        "exit-port-float",
+        MINIMAL + "[exit]\nallow_ports = [1.5]\n",
+        "exit.allow_ports[0]",
+        "got a float",
+    ),
+    (
+        "exit-ports-str",
+        MINIMAL + '[exit]\nallow_ports = "80"\n',
+        "exit.allow_ports",
+        "must be an array",
+    ),
+    ("exit-enabled", MINIMAL + "[exit]\nenabled = 1\n", "exit.enabled", "true or false"),
+    (
+        "exit-unknown",
+        MINIMAL + "[exit]\nallow_network = []\n",
+        "exit.allow_network",
+        "did you mean 'allow_networks'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"), [r[1:] for r in SERVICE_BAD], ids=[r[0] for r in SERVICE_BAD]
+)
+def test_service_and_exit_bad_value(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    assert_error(tmp_path, text, key, reason)

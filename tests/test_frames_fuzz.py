@@ -29,15 +29,18 @@ Y = Identity.from_seed(b"\x22" * 32)
 Z = Identity.from_seed(b"\x23" * 32)
 Y_ADDR = ("198.18.0.2", 7700)
 
-FUZZ = settings(
-    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Every frame ends up in exactly one of these (per-update outcomes inside an accepted
 # routing frame, such as drop.forged_route, come on top of update.rx).
 FRAME_OUTCOMES = (
-    "hello.rx", "hello.own", "hello.stale", "update.rx",
-    "data.delivered", "data.forwarded", "data.no_route",
+    "hello.rx",
+    "hello.own",
+    "hello.stale",
+    "update.rx",
+    "data.delivered",
+    "data.forwarded",
+    "data.no_route",
 )
 
 
@@ -67,8 +70,9 @@ def data_frames() -> list[bytes]:
 def node() -> NodeCore:
     """One node that knows neighbour Y (and a route to Z through it), shared by all
     examples: state piling up across examples is part of what is being fuzzed."""
-    n = NodeCore(X, [InterfaceParams("eth0", flood_dest=BROADCAST)], Timing(), 0.0,
-                 random.Random(3))
+    n = NodeCore(
+        X, [InterfaceParams("eth0", flood_dest=BROADCAST)], Timing(), 0.0, random.Random(3)
+    )
     ihu = Ihu(bytes(X.sid), n.links.epoch, 255, 0, 0)
     n.on_frame(0, Y_ADDR, encode_hello(Y, Hello(Y.sid, 5, 1, 1000, 1000, (ihu,))), 0.1)
     n.on_frame(0, Y_ADDR, y_routing(), 0.2)
@@ -97,7 +101,8 @@ def frame_outcomes(delta: Counter[str]) -> int:
 
 def assert_accounted(delta: Counter[str]) -> None:
     frame_drops = sum(
-        v for k, v in delta.items()
+        v
+        for k, v in delta.items()
         if k.startswith("drop.") and k not in ("drop.forged_route", "drop.route_hop_limit")
     )
     assert frame_drops + frame_outcomes(delta) == 1, delta
@@ -119,10 +124,15 @@ def test_random_bodies_of_each_kind_are_counted(kind: int, body: bytes) -> None:
 
 # msgpack-shaped values: frames that decode fine but have the wrong structure or types.
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=8) | st.binary(max_size=70),
-    lambda children: st.lists(children, max_size=6)
-    | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=70),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
     max_leaves=25,
 )
 
@@ -160,8 +170,10 @@ def test_truncated_valid_frames_are_malformed(data: st.DataObject) -> None:
 def test_mutated_valid_frames_never_raise(data: st.DataObject) -> None:
     which = data.draw(st.sampled_from(["hello", "routing", "data"]))
     frame = bytearray(
-        y_hello(data.draw(st.integers(0, 65535))) if which == "hello"
-        else y_routing() if which == "routing"
+        y_hello(data.draw(st.integers(0, 65535)))
+        if which == "hello"
+        else y_routing()
+        if which == "routing"
         else data.draw(st.sampled_from(data_frames()))
     )
     for _ in range(data.draw(st.integers(1, 4))):
@@ -191,7 +203,10 @@ sid = st.binary(min_size=32, max_size=32)
 
 @settings(max_examples=100, deadline=None)
 @given(
-    epoch=u32, seqno=st.integers(0, 65535), ts=u32, interval=st.integers(10, 600_000),
+    epoch=u32,
+    seqno=st.integers(0, 65535),
+    ts=u32,
+    interval=st.integers(10, 600_000),
     ihus=st.lists(st.builds(Ihu, sid, u32, st.integers(0, 255), u32, u32), max_size=30),
 )
 def test_hello_round_trip(epoch: int, seqno: int, ts: int, interval: int, ihus: list[Ihu]) -> None:
@@ -204,8 +219,14 @@ def test_hello_round_trip(epoch: int, seqno: int, ts: int, interval: int, ihus: 
 @given(
     seq=u32,
     updates=st.lists(
-        st.builds(Update, sid, u32, st.integers(0, INFINITY), st.integers(0, 255),
-                  st.binary(min_size=64, max_size=64)),
+        st.builds(
+            Update,
+            sid,
+            u32,
+            st.integers(0, INFINITY),
+            st.integers(0, 255),
+            st.binary(min_size=64, max_size=64),
+        ),
         max_size=20,
     ),
     requests=st.lists(st.builds(SeqnoRequest, sid, u32, st.integers(0, 255)), max_size=20),

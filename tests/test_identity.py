@@ -142,10 +142,24 @@ def _corruptions(path: Path) -> dict[str, str | bytes]:
 
 
 CORRUPTION_IDS = [
-    "empty", "comment-only", "truncated-mid-seed", "truncated-before-sid", "truncated-mid-sid",
-    "short-seed", "flipped-seed-char", "flipped-seed-last-char", "flipped-sid-char",
-    "mismatched-sid", "uppercase-seed", "non-hex-seed", "wrong-tag", "two-keys", "extra-field",
-    "garbage-text", "garbage-bytes", "nul-bytes",
+    "empty",
+    "comment-only",
+    "truncated-mid-seed",
+    "truncated-before-sid",
+    "truncated-mid-sid",
+    "short-seed",
+    "flipped-seed-char",
+    "flipped-seed-last-char",
+    "flipped-sid-char",
+    "mismatched-sid",
+    "uppercase-seed",
+    "non-hex-seed",
+    "wrong-tag",
+    "two-keys",
+    "extra-field",
+    "garbage-text",
+    "garbage-bytes",
+    "nul-bytes",
 ]
 
 

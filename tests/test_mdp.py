@@ -16,7 +16,6 @@ from meshpipe.mdp import (
     ECHO_PORT,
     MDP_OVERHEAD,
     PROTO_MDP,
-    PROTO_MSP,
     DatagramTooLarge,
     Mdp,
     MdpDatagram,
@@ -25,6 +24,7 @@ from meshpipe.mdp import (
     encode,
     max_payload,
 )
+from meshpipe.msp import PROTO_MSP
 from meshpipe.node import InterfaceParams
 from meshpipe.sim import LinkProfile, SimMesh
 from meshpipe.stack import NodeStack
@@ -204,7 +204,7 @@ class FakeMsp:
     def on_timer(self, now: float) -> list[tuple[bytes, bytes]]:
         self.woken += 1
         self.wake = float("inf")
-        return [(self.peer, b"\x02timer")]
+        return [(self.peer, b"\x09timer")]
 
     def next_deadline(self) -> float:
         return self.wake
@@ -214,14 +214,14 @@ def test_protocol_dispatch_and_inbox_limit() -> None:
     mesh, st_ = _line(2)
     a, b = st_
     msp = FakeMsp()
-    b.register_protocol(PROTO_MSP, msp)
-    for taken in (PROTO_MDP, PROTO_MSP, 256):
+    b.register_protocol(9, msp)
+    for taken in (PROTO_MDP, PROTO_MSP, 9, 256):
         with pytest.raises(ValueError):
             b.register_protocol(taken, msp)
-    mesh.call("n0", lambda node, now: node.send_plaintext(b.sid, b"\x02stream", now))
-    mesh.call("n0", lambda node, now: node.send_plaintext(b.sid, b"\x09what", now))
+    mesh.call("n0", lambda node, now: node.send_plaintext(b.sid, b"\x09stream", now))
+    mesh.call("n0", lambda node, now: node.send_plaintext(b.sid, b"\x0awhat", now))
     mesh.run_for(1.0)
-    assert msp.seen == [(a.sid, b"\x02stream", 1)]
+    assert msp.seen == [(a.sid, b"\x09stream", 1)]
     assert b.counters["stack.drop.unknown_proto"] == 1
     # The protocol's own timer: it sends through the stack when woken.
     msp.wake = mesh.now + 0.5

@@ -49,8 +49,18 @@ def events(actions: Sequence[object], name: str) -> list[Event]:
 
 def bare_neighbour() -> Neighbour:
     return Neighbour(
-        iface=0, addr="x", sid=B.sid, epoch=1, interval=1.0, last_heard=0.0, last_seqno=100,
-        seq_at=0.0, heard_seqno=100, their_ts=0, their_ts_at=0.0, expect_at=1.5,
+        iface=0,
+        addr="x",
+        sid=B.sid,
+        epoch=1,
+        interval=1.0,
+        last_heard=0.0,
+        last_seqno=100,
+        seq_at=0.0,
+        heard_seqno=100,
+        their_ts=0,
+        their_ts_at=0.0,
+        expect_at=1.5,
     )
 
 
@@ -160,11 +170,16 @@ def test_cost_formula() -> None:
 def pair(loss_ab: float = 0.0, loss_ba: float = 0.0, delay: float = 0.01) -> SimMesh:
     mesh = SimMesh(3)
     for name, ident, seed in (("a", A, 1), ("b", B, 2)):
-        node = NodeCore(ident, [InterfaceParams(name, flood_dest=BROADCAST)], TIMING, 0.0,
-                        random.Random(seed))
+        node = NodeCore(
+            ident, [InterfaceParams(name, flood_dest=BROADCAST)], TIMING, 0.0, random.Random(seed)
+        )
         mesh.add_node(name, node)
-    mesh.connect("a", "b", LinkProfile(delay=delay, loss=loss_ab),
-                 b_to_a=LinkProfile(delay=delay, loss=loss_ba))
+    mesh.connect(
+        "a",
+        "b",
+        LinkProfile(delay=delay, loss=loss_ab),
+        b_to_a=LinkProfile(delay=delay, loss=loss_ba),
+    )
     return mesh
 
 
@@ -267,8 +282,10 @@ def test_restart_is_detected_by_epoch() -> None:
     mesh = pair()
     mesh.run_until(5.0)
     mesh.replace_node(
-        "b", NodeCore(B, [InterfaceParams("b", flood_dest=BROADCAST)], TIMING, mesh.now,
-                      random.Random(77))
+        "b",
+        NodeCore(
+            B, [InterfaceParams("b", flood_dest=BROADCAST)], TIMING, mesh.now, random.Random(77)
+        ),
     )
     mesh.run_for(2.0)
     names = [e.name for _, e in mesh.events["a"]]

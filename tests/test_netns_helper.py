@@ -87,13 +87,17 @@ def test_line_of_four(prefix: str) -> None:
 
         # UDP echo across the B-C veth link.
         server = topo.exec(
-            "c", [sys.executable, "-c", ECHO_SERVER, "198.18.2.2", str(PORT)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            "c",
+            [sys.executable, "-c", ECHO_SERVER, "198.18.2.2", str(PORT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
-        res = topo.run("b", [sys.executable, "-c", ECHO_CLIENT, "198.18.2.2", str(PORT)],
-                       timeout=15)
+        res = topo.run(
+            "b", [sys.executable, "-c", ECHO_CLIENT, "198.18.2.2", str(PORT)], timeout=15
+        )
         assert res.returncode == 0, res.stderr
         assert res.stdout.split() == ["meshpipe-echo", "198.18.2.2"]
         assert server.wait(10) == 0

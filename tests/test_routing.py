@@ -40,8 +40,18 @@ EXPIRY = 14.0
 
 def link(key: NeighbourKey, ident: Identity, cost: int = 256) -> Neighbour:
     nb = Neighbour(
-        iface=key[0], addr=key[1], sid=ident.sid, epoch=1, interval=1.0, last_heard=0.0,
-        last_seqno=0, seq_at=0.0, heard_seqno=0, their_ts=0, their_ts_at=0.0, expect_at=1e9,
+        iface=key[0],
+        addr=key[1],
+        sid=ident.sid,
+        epoch=1,
+        interval=1.0,
+        last_heard=0.0,
+        last_seqno=0,
+        seq_at=0.0,
+        heard_seqno=0,
+        their_ts=0,
+        their_ts_at=0.0,
+        expect_at=1e9,
     )
     nb.cost = cost
     return nb
@@ -52,15 +62,30 @@ class Harness:
         self.links = {K1: link(K1, N1), K2: link(K2, N2)}
         self.counters: Counter[str] = Counter()
         self.router = Router(
-            me, self.links, self.counters, now=0.0, rng=random.Random(5),
-            update_interval=4.0, route_expiry=EXPIRY, request_timeout=1.0, request_retries=3,
-            triggered_delay=0.0, source_gc=180.0, jitter=0.1,
+            me,
+            self.links,
+            self.counters,
+            now=0.0,
+            rng=random.Random(5),
+            update_interval=4.0,
+            route_expiry=EXPIRY,
+            request_timeout=1.0,
+            request_retries=3,
+            triggered_delay=0.0,
+            source_gc=180.0,
+            jitter=0.1,
         )
         self.router.next_dump = 1e9  # periodic dumps only when a test asks
         self.seq: Counter[NeighbourKey] = Counter()
 
-    def hear(self, key: NeighbourKey, *updates: Update, requests: list[SeqnoRequest] | None = None,
-             now: float = 1.0, seq: int | None = None) -> None:
+    def hear(
+        self,
+        key: NeighbourKey,
+        *updates: Update,
+        requests: list[SeqnoRequest] | None = None,
+        now: float = 1.0,
+        seq: int | None = None,
+    ) -> None:
         self.seq[key] += 1
         frame = RoutingFrame(self.seq[key] if seq is None else seq, list(updates), requests or [])
         self.router.on_routing(key, frame, now)

@@ -254,8 +254,11 @@ def test_50_nodes_data_follows_routes(net50: Net) -> None:
         net.mesh.call(src, sender(net.sid(dst), f"{src}->{dst}".encode()))
     net.run(1.0)
     for src, dst in pairs:
-        got = [dv for _, dv in net.mesh.delivered[dst][before[dst]:]
-               if dv.payload == f"{src}->{dst}".encode()]
+        got = [
+            dv
+            for _, dv in net.mesh.delivered[dst][before[dst] :]
+            if dv.payload == f"{src}->{dst}".encode()
+        ]
         assert len(got) == 1, (src, dst)
         route = next(r for r in net.core(src).routes() if bytes(r.sid) == net.sid(dst))
         assert got[0].hops == route.hops and got[0].src == net.sid(src)
@@ -266,7 +269,8 @@ def test_50_nodes_link_failure_recovers_loop_free(net50: Net) -> None:
     deg = degree(net)
     # Cut a link whose ends both have other links, so the mesh stays connected.
     a, b = next(
-        (a, b) for a, b in sorted(net.edges, key=lambda e: (-deg[e[0]] - deg[e[1]], e))
+        (a, b)
+        for a, b in sorted(net.edges, key=lambda e: (-deg[e[0]] - deg[e[1]], e))
         if deg[a] > 1 and deg[b] > 1
     )
     net.cut.add(frozenset((a, b)))
@@ -342,8 +346,9 @@ def test_line_retract_and_restart() -> None:
         mesh.add_node(n, make_core(ids[n], n, 0.0, i))
     for x, y in itertools.pairwise(names):
         mesh.connect(x, y, LinkProfile(delay=0.01))
-    net = Net(mesh, names, ids, set(itertools.pairwise(names)),
-              {bytes(i.sid): n for n, i in ids.items()})
+    net = Net(
+        mesh, names, ids, set(itertools.pairwise(names)), {bytes(i.sid): n for n, i in ids.items()}
+    )
     mesh.add_listener(net._listen)
     a = net.core("a")
     d_sid = bytes(ids["d"].sid)
@@ -377,7 +382,7 @@ def test_line_retract_and_restart() -> None:
     # DATA end to end: A -> D over three hops, delivered with the hop count.
     mesh.call("a", sender(d_sid, b"hello d"))
     net.run(0.5)
-    (_, got), = mesh.delivered["d"]
+    ((_, got),) = mesh.delivered["d"]
     assert got.payload == b"hello d" and got.hops == 3 and got.src == net.sid("a")
     assert net.core("b").counters["data.forwarded"] == 1
 
@@ -404,8 +409,16 @@ def test_small_mtu_radio_mesh_splits_dumps() -> None:
     names = [f"r{i:02d}" for i in range(20)]
     ids = {n: Identity.from_seed(rng.randbytes(32)) for n in names}
     for i, n in enumerate(names):
-        mesh.add_node(n, NodeCore(ids[n], [InterfaceParams(n, mtu=mtu, flood_dest=BROADCAST)],
-                                  TIMING, 0.0, random.Random(i)))
+        mesh.add_node(
+            n,
+            NodeCore(
+                ids[n],
+                [InterfaceParams(n, mtu=mtu, flood_dest=BROADCAST)],
+                TIMING,
+                0.0,
+                random.Random(i),
+            ),
+        )
     edges = {(names[i - 1], names[i]) for i in range(1, len(names))}
     edges |= {(names[i], names[i + 3]) for i in range(0, len(names) - 3, 4)}
     for a, b in sorted(edges):
@@ -416,8 +429,9 @@ def test_small_mtu_radio_mesh_splits_dumps() -> None:
     net.run(10.0)
     assert net.loops == []
     assert mesh.stats.dropped_mtu == 0
-    assert all(net.core(n).counters["update.tx"] > 2 * net.core(n).counters["update.dump"]
-               for n in names)
+    assert all(
+        net.core(n).counters["update.tx"] > 2 * net.core(n).counters["update.dump"] for n in names
+    )
 
 
 def test_two_interfaces_bridge_segments() -> None:
@@ -425,16 +439,24 @@ def test_two_interfaces_bridge_segments() -> None:
     ids = {n: Identity.from_seed(bytes([0x40 + i]) * 32) for i, n in enumerate("abc")}
     for i, n in enumerate("ac"):
         mesh.add_node(n, make_core(ids[n], n, 0.0, i))
-    mesh.add_node("b", NodeCore(
-        ids["b"],
-        [InterfaceParams("wlan0", flood_dest=BROADCAST), InterfaceParams("radio0", mtu=300,
-                                                                         flood_dest=BROADCAST)],
-        TIMING, 0.0, random.Random(7),
-    ))
+    mesh.add_node(
+        "b",
+        NodeCore(
+            ids["b"],
+            [
+                InterfaceParams("wlan0", flood_dest=BROADCAST),
+                InterfaceParams("radio0", mtu=300, flood_dest=BROADCAST),
+            ],
+            TIMING,
+            0.0,
+            random.Random(7),
+        ),
+    )
     mesh.connect("a", "b", b_iface=0)
     mesh.connect("b", "c", LinkProfile(mtu=300), a_iface=1)
-    net = Net(mesh, list("abc"), ids, {("a", "b"), ("b", "c")},
-              {bytes(i.sid): n for n, i in ids.items()})
+    net = Net(
+        mesh, list("abc"), ids, {("a", "b"), ("b", "c")}, {bytes(i.sid): n for n, i in ids.items()}
+    )
     mesh.add_listener(net._listen)
     net.run_until_ok(net.all_correct, CONVERGE_BOUND)
     b = net.core("b")
@@ -452,8 +474,13 @@ def test_churn_with_reordering_stays_loop_free() -> None:
     mesh converges once the churn stops."""
     net = build_net(seed=3, n=30)
     for a, b in sorted(net.edges):
-        net.mesh.set_profile(a, b, LinkProfile(delay=0.01, jitter=0.02, loss=0.05, reorder=0.1,
-                                               reorder_delay=0.05, duplicate=0.05))
+        net.mesh.set_profile(
+            a,
+            b,
+            LinkProfile(
+                delay=0.01, jitter=0.02, loss=0.05, reorder=0.1, reorder_delay=0.05, duplicate=0.05
+            ),
+        )
     rng = random.Random(3)
     edges = sorted(net.edges)
     down: set[tuple[str, str]] = set()

@@ -63,12 +63,17 @@ def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "SYSTEMD_LOG_LEVEL": "info", "SYSTEMD_PAGER": "", "LC_ALL": "C"}
     res = subprocess.run(
         [analyze, "verify", str(unit)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     output = res.stdout + res.stderr
     assert res.returncode == 0, output
     about_unit = [
-        line for line in output.splitlines()
+        line
+        for line in output.splitlines()
         if re.search(r"meshpipe\.service|" + re.escape(str(unit)), line)
     ]
     assert about_unit == [], output

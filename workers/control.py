@@ -20,14 +20,24 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from meshpipe import __version__, log
-from meshpipe.actions import MULTICAST, Action, Deliver, Event, ForwardingChanged, SendFrame
-from meshpipe.config import Config, load_config
+from meshpipe.actions import (
+    BROADCAST,
+    MULTICAST,
+    Action,
+    Deliver,
+    Event,
+    ForwardingChanged,
+    SendFrame,
+)
+from meshpipe.config import Config, TimingSection, load_config
 from meshpipe.errors import MeshpipeError
 from meshpipe.identity import Identity, resolve_sid
+from meshpipe.link.kiss import RADIO_BROADCAST, RADIO_HEADER_LEN
 from meshpipe.mdp import MdpError
 from meshpipe.node import InterfaceParams, Timing
 from meshpipe.stack import NodeStack, PingReply
 from meshpipe_workers import messages as msg
+from meshpipe_workers import radio
 from meshpipe_workers.ring import Ring, RingSpec
 
 STATS_PERIOD = 30.0
@@ -35,19 +45,25 @@ MAX_REQUEST = 64 * 1024
 
 
 def interface_params(cfg: Config) -> list[InterfaceParams]:
-    return [
-        InterfaceParams(
-            name=i.name,
-            mtu=i.mtu,
-            flood_dest=MULTICAST if i.discovery else None,
-            static_peers=tuple(i.peers),
-        )
-        for i in cfg.interfaces
-    ]
+    out = []
+    for i in cfg.interfaces:
+        t = None if i.timing is None else section_timing(i.timing)
+        if i.kind == "radio":
+            # One transmission reaches every neighbour; the link header rides inside the MTU.
+            p = InterfaceParams(i.name, i.mtu - RADIO_HEADER_LEN, BROADCAST, (), t)
+        else:
+            p = InterfaceParams(
+                i.name, i.mtu, MULTICAST if i.discovery else None, tuple(i.peers), t
+            )
+        out.append(p)
+    return out
 
 
 def timing(cfg: Config) -> Timing:
-    t = cfg.timing
+    return section_timing(cfg.timing)
+
+
+def section_timing(t: TimingSection) -> Timing:
     return Timing(
         hello_interval=t.hello_interval,
         neighbour_timeout=t.neighbour_timeout,
@@ -283,6 +299,9 @@ class ControlWorker:
             if tag == msg.REC_FRAME_IN:
                 iface, addr, frame = msg.parse_frame_in(rec)
                 self.execute(self.core.on_frame(iface, addr, frame, now))
+            elif tag == radio.REC_RADIO_IN:
+                iface, raddr, frame = radio.parse_radio_in(rec)
+                self.execute(self.core.on_frame(iface, raddr, frame, now))
             elif tag == msg.REC_WORKER_UP:
                 self._push_full_table(rec[1], rec[2])
             elif tag == msg.REC_COUNTERS:
@@ -315,7 +334,17 @@ class ControlWorker:
         if not workers:
             self.counters["drop.no_interface"] += 1
             return
-        if a.dest == MULTICAST:
+        if self.cfg.interfaces[a.iface].kind == "radio":
+            # Radio link addresses are ints; flooding is one broadcast transmission.
+            if a.dest == BROADCAST or a.dest == MULTICAST:
+                dst = RADIO_BROADCAST
+            elif isinstance(a.dest, int):
+                dst = a.dest
+            else:
+                self.counters["drop.bad_dest"] += 1
+                return
+            rec, ring = radio.radio_send(dst, a.frame), workers[0]
+        elif a.dest == MULTICAST:
             rec, ring = msg.multicast(a.frame), workers[0]
         elif isinstance(a.dest, tuple):
             rec, ring = msg.send(a.dest, a.frame), workers[hash(a.dest) % len(workers)]
@@ -331,7 +360,13 @@ class ControlWorker:
         body = {
             "full": full,
             "entries": {
-                dst: None if hop is None else [hop[0], hop[1][0], hop[1][1]]
+                # A radio next hop (an int) rides as [iface, "", addr]: UDP workers parse
+                # it without error and never use it, as it is not on their interface.
+                dst: None
+                if hop is None
+                else [hop[0], "", hop[1]]
+                if isinstance(hop[1], int)
+                else [hop[0], hop[1][0], hop[1][1]]
                 for dst, hop in entries.items()
             },
         }

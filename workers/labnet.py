@@ -52,6 +52,8 @@ class Lab:
         base_port: int = BASE_PORT,
         timing: dict[str, float] | None = None,
         extra_config: str = "",
+        node_config: dict[str, str] | None = None,
+        udp_nodes: list[str] | None = None,
     ) -> None:
         self.names = names
         self.workdir = Path(workdir)
@@ -65,6 +67,12 @@ class Lab:
             "route_expiry": 7.0,
         }
         self.extra_config = extra_config  # raw TOML appended to every node's config
+        # Raw TOML for one node (e.g. its radio [[interface]], see radio_channel.py).
+        self.node_config = node_config or {}
+        # Loopback mode only: the nodes that get a UDP interface, linked in a line in
+        # the order of ``names`` (default: all); the others have only what
+        # node_config gives them.
+        self.udp_nodes = udp_nodes
         self.nodes: dict[str, LabNode] = {}
         self.topo: Topology | None = None
         self._topo_cm: Any = None
@@ -137,10 +145,12 @@ class Lab:
                     "discovery = true",
                     "",
                 ]
-        else:
+        elif self.udp_nodes is None or name in self.udp_nodes:
+            chain = [n for n in self.names if self.udp_nodes is None or n in self.udp_nodes]
+            k = chain.index(name)
             peers = []
-            if i + 1 < len(self.names):
-                peers.append(f'"127.0.0.1:{self.base_port + i + 1}"')
+            if k + 1 < len(chain):
+                peers.append(f'"127.0.0.1:{self.base_port + self.names.index(chain[k + 1])}"')
             lines += [
                 "[[interface]]",
                 'name = "udp0"',
@@ -150,7 +160,7 @@ class Lab:
                 "discovery = false",
                 "",
             ]
-        return "\n".join(lines) + "\n" + self.extra_config
+        return "\n".join(lines) + "\n" + self.extra_config + self.node_config.get(name, "")
 
     # -- processes -------------------------------------------------------------------
 

@@ -66,18 +66,20 @@ class Supervisor:
         iface_rings: list[dict[str, Any]] = []
         self.to_control = self._ring()  # supervisor -> control: worker table
         for i, icfg in enumerate(self.cfg.interfaces):
-            for k in range(self.cfg.workers.per_interface):
+            # A serial radio has one owner: exactly one worker, whatever per_interface says.
+            radio = icfg.kind == "radio"
+            for k in range(1 if radio else self.cfg.workers.per_interface):
                 rx, tx = self._ring(), self._ring()
                 iface_rings.append(
                     {"iface": i, "worker": k, "rx": rx.spec.to_json(), "tx": tx.spec.to_json()}
                 )
                 self.workers.append(
                     WorkerSpec(
-                        role=f"interface:{icfg.name}:{k}",
+                        role=f"radio:{icfg.name}" if radio else f"interface:{icfg.name}:{k}",
                         argv=[
                             py,
                             "-m",
-                            "meshpipe_workers.interface",
+                            "meshpipe_workers.radio" if radio else "meshpipe_workers.interface",
                             "--config",
                             self.config_path,
                             "--iface",

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from meshpipe import wire
@@ -277,11 +277,16 @@ class NeighbourTable:
         neighbour_timeout: float,
         epoch: int,
         rng: random.Random,
+        iface_hello_intervals: Sequence[float] = (),
+        iface_timeouts: Sequence[float] = (),
     ) -> None:
         self.identity = identity
         self.sid = identity.sid
         self.hello_interval = hello_interval
         self.neighbour_timeout = neighbour_timeout
+        # Per-interface overrides (a slow radio says hello less often than a LAN).
+        self.iface_hello_intervals = tuple(iface_hello_intervals)
+        self.iface_timeouts = tuple(iface_timeouts)
         self.epoch = epoch % TS_MOD
         self.by_key: dict[NeighbourKey, Neighbour] = {}
         self.by_sid: dict[bytes, dict[NeighbourKey, Neighbour]] = {}
@@ -296,6 +301,11 @@ class NeighbourTable:
 
     def __len__(self) -> int:
         return len(self.by_key)
+
+    def hello_interval_of(self, iface: int) -> float:
+        if iface < len(self.iface_hello_intervals):
+            return self.iface_hello_intervals[iface]
+        return self.hello_interval
 
     def on_iface(self, iface: int) -> list[Neighbour]:
         return [n for n in self.by_key.values() if n.iface == iface]
@@ -322,7 +332,7 @@ class NeighbourTable:
             epoch=self.epoch,
             seqno=self.seqno[iface],
             timestamp=timestamp_us(now),
-            interval_ms=max(MIN_INTERVAL_MS, round(self.hello_interval * 1000)),
+            interval_ms=max(MIN_INTERVAL_MS, round(self.hello_interval_of(iface) * 1000)),
             ihus=ihus,
         )
         return split_hello(self.identity, hello, mtu)
@@ -399,7 +409,10 @@ class NeighbourTable:
     def timeout_of(self, nb: Neighbour) -> float:
         # A neighbour configured with slower hellos than ours gets 3.5 of its own
         # intervals, so mixed configurations do not flap.
-        return max(self.neighbour_timeout, 3.5 * nb.interval)
+        base = self.neighbour_timeout
+        if nb.iface < len(self.iface_timeouts):
+            base = self.iface_timeouts[nb.iface]
+        return max(base, 3.5 * nb.interval)
 
     def tick(self, now: float) -> TickResult:
         """Count missed hellos, lapse stale IHUs, drop silent neighbours."""

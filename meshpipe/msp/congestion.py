@@ -1,0 +1,117 @@
+"""RTT estimation and congestion control for MSP streams.
+
+RTT: RFC 6298 (srtt, rttvar, RTO with a floor) plus a windowed minimum RTT, which
+the congestion controller and deadline mode use as the path's base delay.
+
+Congestion control: TCP Veno (Fu and Liew, IEEE JSAC 2003), chosen because a mesh
+loses packets on radio links for reasons that have nothing to do with congestion.
+Veno keeps Reno's additive increase but estimates how many of its own packets sit
+in queues, ``backlog = cwnd * (rtt - base_rtt) / rtt`` (Vegas's estimate). A loss
+seen while the backlog is small cannot have been caused by a full queue, so it is
+taken as random loss and the window shrinks only to 4/5; a loss with a backlog of
+``beta`` packets or more is congestion and halves the window, as Reno would. Under
+heavy random loss (a 30% radio hop) this keeps the window open where Reno would
+collapse it, while flows that really fill a queue still back off and share it:
+several Veno flows on one bottleneck converge to fair shares like Reno flows do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RttEstimator:
+    """RFC 6298 estimator. Times are seconds."""
+
+    initial_rto: float = 1.0
+    min_rto: float = 0.2
+    max_rto: float = 30.0
+    min_window: float = 10.0  # the minimum RTT is the lowest sample of this long
+    srtt: float = 0.0
+    rttvar: float = 0.0
+    latest: float = 0.0
+    min_rtt: float = 0.0  # 0.0 until the first sample
+    _min_at: float = 0.0
+    _samples: int = 0
+
+    def sample(self, rtt: float, now: float) -> None:
+        rtt = max(rtt, 1e-4)
+        self.latest = rtt
+        if self._samples == 0:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self._samples += 1
+        if self.min_rtt == 0.0 or rtt <= self.min_rtt or now - self._min_at > self.min_window:
+            self.min_rtt, self._min_at = rtt, now
+
+    @property
+    def has_sample(self) -> bool:
+        return self._samples > 0
+
+    def rto(self) -> float:
+        if not self._samples:
+            return self.initial_rto
+        return min(self.max_rto, max(self.min_rto, self.srtt + 4 * self.rttvar))
+
+
+@dataclass
+class Veno:
+    """Window in bytes; ``mss`` is the segment payload size."""
+
+    mss: int
+    initial_segments: int = 10
+    beta: float = 3.0  # backlog (packets) above which a loss means congestion
+    cwnd: float = 0.0
+    ssthresh: float = float("inf")
+    _ca_toggle: bool = False
+    random_losses: int = 0
+    congestion_losses: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cwnd == 0.0:
+            self.cwnd = float(self.initial_segments * self.mss)
+
+    def backlog(self, rtt: RttEstimator) -> float:
+        if not rtt.has_sample or rtt.srtt <= 0:
+            return 0.0
+        base = rtt.min_rtt
+        return (self.cwnd / self.mss) * max(0.0, rtt.srtt - base) / rtt.srtt
+
+    def on_ack(self, acked: int, rtt: RttEstimator, app_limited: bool) -> None:
+        """``acked`` bytes newly acknowledged."""
+        if app_limited:  # a window we are not using says nothing about the path
+            return
+        if self.cwnd < self.ssthresh:
+            self.cwnd += acked
+            return
+        if self.backlog(rtt) >= self.beta:
+            # Veno: near the available bandwidth, grow every other window only.
+            self._ca_toggle = not self._ca_toggle
+            if not self._ca_toggle:
+                return
+        self.cwnd += self.mss * acked / self.cwnd
+
+    def on_loss(self, rtt: RttEstimator) -> None:
+        """One loss event (at most one per round trip, the caller ensures)."""
+        if self.backlog(rtt) < self.beta:
+            self.random_losses += 1
+            self.cwnd = max(self.cwnd * 0.8, 2.0 * self.mss)
+        else:
+            self.congestion_losses += 1
+            self.cwnd = max(self.cwnd * 0.5, 2.0 * self.mss)
+        self.ssthresh = self.cwnd
+
+    def on_persistent_congestion(self) -> None:
+        """Several probe timeouts in a row: the path may be gone or badly congested."""
+        self.ssthresh = max(self.cwnd * 0.5, 2.0 * self.mss)
+        self.cwnd = 2.0 * self.mss
+
+    def set_mss(self, mss: int) -> None:
+        self.cwnd = self.cwnd * mss / self.mss
+        self.mss = mss
+
+
+__all__ = ["RttEstimator", "Veno"]

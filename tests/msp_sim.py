@@ -1,0 +1,99 @@
+"""A line of NodeStacks in the simulator for MSP tests: A - B - C - D by default."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from meshpipe.actions import BROADCAST
+from meshpipe.identity import Identity, Sid
+from meshpipe.msp import Msp, MspParams, Stream
+from meshpipe.node import InterfaceParams
+from meshpipe.sim import LinkProfile, SimMesh
+from meshpipe.stack import NodeStack
+
+EPOCH = 1_700_000_000 * 10**9
+
+
+def path_loss_per_link(path_loss: float, links: int) -> float:
+    """Per-link loss that gives ``path_loss`` end to end over ``links`` links."""
+    return 1.0 - (1.0 - path_loss) ** (1.0 / links)
+
+
+class Line:
+    """Nodes in a line, routing converged; ``profile`` applies to every link."""
+
+    def __init__(
+        self,
+        n: int = 4,
+        seed: int = 1,
+        profile: LinkProfile | None = None,
+        msp_params: MspParams | None = None,
+        mtu: int = 1400,
+    ) -> None:
+        self.sim = SimMesh(seed=seed)
+        self.rng = random.Random(seed)
+        self.names = [chr(ord("A") + i) for i in range(n)]
+        self.ids = {
+            m: Identity.from_seed(f"{seed}-{m}".encode().ljust(32, b".")) for m in self.names
+        }
+        for m in self.names:
+            self.sim.add_node(
+                m,
+                NodeStack(
+                    self.ids[m],
+                    [InterfaceParams("sim", mtu=mtu, flood_dest=BROADCAST)],
+                    rng=random.Random(f"{seed}-{m}"),
+                    epoch_ns=EPOCH,
+                    random_bytes=self.rng.randbytes,
+                    msp_params=msp_params,
+                ),
+            )
+        for a, b in zip(self.names, self.names[1:], strict=False):
+            self.sim.connect(a, b, LinkProfile(mtu=mtu))
+        self.run_until(
+            lambda: all(len(self.stack(m).forwarding_table()) == n - 1 for m in self.names), 30.0
+        )
+        if profile is not None:
+            for a, b in zip(self.names, self.names[1:], strict=False):
+                self.sim.set_profile(a, b, profile)
+
+    def stack(self, name: str) -> NodeStack:
+        return self.sim.node_as(name, NodeStack)
+
+    def msp(self, name: str) -> Msp:
+        return self.stack(name).msp
+
+    def sid(self, name: str) -> Sid:
+        return self.ids[name].sid
+
+    def open(self, src: str, dst: str, port: int, **kw: object) -> Stream:
+        box: list[Stream] = []
+
+        def do(node: NodeStack, now: float) -> list[object]:
+            box.append(node.msp.open(self.sid(dst), port, now, **kw))  # type: ignore[arg-type]
+            return list(node.on_timer(now))
+
+        self.sim.call(src, do)  # type: ignore[arg-type]
+        return box[0]
+
+    def act(self, name: str, fn: Callable[[NodeStack, float], object]) -> None:
+        """Run ``fn`` on a node now and send what it caused."""
+
+        def do(node: NodeStack, now: float) -> list[object]:
+            fn(node, now)
+            return list(node.on_timer(now)) if node.next_deadline() <= now else []
+
+        self.sim.call(name, do)  # type: ignore[arg-type]
+
+    def run_until(self, cond: Callable[[], bool], limit: float, step: float = 0.05) -> float:
+        start = self.sim.now
+        while not cond():
+            if self.sim.now - start > limit:
+                raise AssertionError(f"condition not met within {limit} s simulated")
+            self.sim.run_for(step)
+        return self.sim.now - start
+
+    @property
+    def now(self) -> float:
+        return self.sim.now
