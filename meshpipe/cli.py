@@ -16,7 +16,7 @@ DEFAULT_CONFIG = "/etc/meshpipe/meshpipe.toml"
 
 
 def _config_path(args: argparse.Namespace) -> str:
-    return str(args.config or os.environ.get("MESHPIPE_CONFIG") or DEFAULT_CONFIG)
+    return str(getattr(args, "config", None) or os.environ.get("MESHPIPE_CONFIG") or DEFAULT_CONFIG)
 
 
 def _control_path(args: argparse.Namespace) -> str:
@@ -212,21 +212,73 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_msp(args: argparse.Namespace) -> int:
+    """netcat over MSP: stdin goes to the stream, the stream to stdout."""
+    from meshpipe_workers.control_client import StreamReset, open_pipe, run_pipe
+
+    if args.msp_command == "connect":
+        sock, info, pending = open_pipe(
+            _control_path(args), "msp.connect", sid=args.sid, port=args.port
+        )
+    else:
+        allow = list(args.allow or [])
+        sock, info, pending = open_pipe(
+            _control_path(args), "msp.listen", port=args.port, allow=allow
+        )
+        if args.verbose:
+            print(f"accepted stream {info['stream']} from {info['sid']}", file=sys.stderr)
+    try:
+        run_pipe(sock, pending, sys.stdin.fileno(), sys.stdout.fileno())
+    except StreamReset as exc:
+        print(f"meshpipe: msp {args.msp_command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        sock.close()
+    return 0
+
+
+def _fmt_streams(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no streams")
+        return
+    table = [
+        [
+            r["stream"],
+            r["peer"][:16],
+            str(r["port"]),
+            r["mode"],
+            r["state"],
+            str(r["bytes_sent"]),
+            str(r["bytes_received"]),
+            f"{r['srtt_ms']:.1f}",
+        ]
+        for r in rows
+    ]
+    _print_table(table, ["STREAM", "PEER", "PORT", "MODE", "STATE", "SENT", "RECEIVED", "SRTT_MS"])
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "streams"), _fmt_streams)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshpipe", description="meshpipe mesh-overlay node")
     p.add_argument("--version", action="version", version=f"meshpipe {__version__}")
+    # -c is accepted before the command too (meshpipe -c FILE msp listen 5000);
+    # SUPPRESS keeps a later level's missing -c from erasing an earlier one.
+    config_help = f"config file (default {DEFAULT_CONFIG}, or $MESHPIPE_CONFIG)"
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     def node_cmd(
         name: str, fn: Callable[[argparse.Namespace], int], help_: str
     ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument(
-            "-c", "--config", help=f"config file (default {DEFAULT_CONFIG}, or $MESHPIPE_CONFIG)"
-        )
+        sp.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
         sp.add_argument(
             "--json", action="store_true", help="machine-readable output (stable fields)"
         )
@@ -257,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", "-i", type=float, default=1.0)
     sp.add_argument("--size", "-s", type=int, default=0, help="payload bytes")
     sp.add_argument("--pattern", "-p", default="", help="hex bytes repeated as padding")
+    node_cmd("streams", cmd_streams, "open MSP streams")
+    sp = node_cmd(
+        "msp", cmd_msp, "netcat over an MSP stream (msp listen PORT / msp connect SID PORT)"
+    )
+    msp_sub = sp.add_subparsers(dest="msp_command", required=True)
+    lp = msp_sub.add_parser("listen", help="accept one stream on PORT; pipe it to stdin/stdout")
+    lp.add_argument("port", type=int)
+    lp.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
+    lp.add_argument("--allow", action="append", help="accept only this full SID (repeatable)")
+    lp.add_argument("-v", "--verbose", action="store_true", help="say who connected (stderr)")
+    cp = msp_sub.add_parser("connect", help="open a stream to SID PORT; pipe stdin/stdout")
+    cp.add_argument("sid", help="destination SID or unique prefix (>= 8 hex characters)")
+    cp.add_argument("port", type=int)
+    cp.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     return p
 
 

@@ -300,7 +300,10 @@ class _Table:
         return self._typed(name, default, bool, "true or false")
 
     def integer(
-        self, name: str, default: int | _Missing = _MISSING, lo: int | None = None,
+        self,
+        name: str,
+        default: int | _Missing = _MISSING,
+        lo: int | None = None,
         hi: int | None = None,
     ) -> int:
         value = self._typed(name, default, int, "an integer")
@@ -334,9 +337,7 @@ class _Table:
             raise self.error(name, f'must be an integer >= 1 or "auto", got {value!r}')
         assert isinstance(value, int)
         if not 1 <= value <= MAX_WORKERS:
-            raise self.error(
-                name, f'must be between 1 and {MAX_WORKERS} (or "auto"), got {value}'
-            )
+            raise self.error(name, f'must be between 1 and {MAX_WORKERS} (or "auto"), got {value}')
         return value
 
     def path(self, name: str, default: str | _Missing = _MISSING) -> str:
@@ -457,7 +458,8 @@ def _interface(t: _Table) -> InterfaceConfig:
             raise t.error(key, f"{peer[0]} cannot be a peer address")
         if ip.version != listen_ip.version:
             raise t.error(
-                key, f"an IPv{ip.version} peer cannot be reached from the IPv{listen_ip.version} "
+                key,
+                f"an IPv{ip.version} peer cannot be reached from the IPv{listen_ip.version} "
                 f"listen address {format_hostport(listen)}",
             )
         if peer in peers:
@@ -476,8 +478,14 @@ def _interface(t: _Table) -> InterfaceConfig:
         raise t.error("discovery", "LAN multicast discovery needs an IPv4 listen address")
     mtu = t.integer("mtu", DEFAULT_MTU, lo=MIN_MTU, hi=MAX_MTU)
     return InterfaceConfig(
-        name=name, kind=kind, listen=listen, peers=tuple(peers), discovery=discovery,
-        multicast_group=str(group_ip), mtu=mtu, timing=timing,
+        name=name,
+        kind=kind,
+        listen=listen,
+        peers=tuple(peers),
+        discovery=discovery,
+        multicast_group=str(group_ip),
+        mtu=mtu,
+        timing=timing,
     )
 
 
@@ -493,7 +501,13 @@ def _radio_interface(t: _Table, name: str, timing: TimingSection | None) -> Inte
     queue_default = max(4 * mtu + 8, int(rate / 10 * RADIO_QUEUE_SECONDS))
     queue = t.integer("queue_bytes", queue_default, lo=4 * mtu + 8, hi=16 << 20)
     return InterfaceConfig(
-        name, "radio", mtu=mtu, device=device, baud=baud, rate_bps=rate, queue_bytes=queue,
+        name,
+        "radio",
+        mtu=mtu,
+        device=device,
+        baud=baud,
+        rate_bps=rate,
+        queue_bytes=queue,
         timing=timing,
     )
 
@@ -501,7 +515,8 @@ def _radio_interface(t: _Table, name: str, timing: TimingSection | None) -> Inte
 def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
     ia, ib = _ip(a[0]), _ip(b[0])
     return (
-        a[1] == b[1] and ia.version == ib.version
+        a[1] == b[1]
+        and ia.version == ib.version
         and (ia == ib or ia.is_unspecified or ib.is_unspecified)
     )
 
@@ -523,17 +538,20 @@ def _section_interfaces(ctx: _Context, value: object) -> tuple[InterfaceConfig, 
         for j, other in enumerate(result):
             if other.name == iface.name:
                 raise ConfigError(
-                    ctx.path, f"{prefix}.name",
+                    ctx.path,
+                    f"{prefix}.name",
                     f"duplicate interface name {iface.name!r} (also interface[{j}])",
                 )
             if iface.kind == "radio" and other.kind == "radio" and other.device == iface.device:
                 raise ConfigError(
-                    ctx.path, f"{prefix}.device",
+                    ctx.path,
+                    f"{prefix}.device",
                     f"{iface.device} is already used by interface[{j}]",
                 )
             if "udp" == iface.kind == other.kind and _overlaps(other.listen, iface.listen):
                 raise ConfigError(
-                    ctx.path, f"{prefix}.listen",
+                    ctx.path,
+                    f"{prefix}.listen",
                     f"{format_hostport(iface.listen)} clashes with interface[{j}] "
                     f"({format_hostport(other.listen)})",
                 )

@@ -151,6 +151,8 @@ class RouteInfo:
 
 
 def addr_text(addr: LinkAddr) -> str:
+    if isinstance(addr, int) and not isinstance(addr, bool):
+        return f"radio:{addr:04x}"  # a 16-bit radio link address (meshpipe.link.kiss)
     if isinstance(addr, tuple) and len(addr) == 2 and isinstance(addr[1], int):
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"

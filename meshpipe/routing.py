@@ -492,7 +492,12 @@ class Router:
             self.by_nb.setdefault(key, {})[origin] = None
         else:
             e.seqno, e.adv_metric, e.hops, e.sig, e.updated, e.frame_seq = (
-                u.seqno, u.metric, u.hops + 1, u.sig, now, fseq
+                u.seqno,
+                u.metric,
+                u.hops + 1,
+                u.sig,
+                now,
+                fseq,
             )
         self.reselect(origin, now)
 

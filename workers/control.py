@@ -31,14 +31,16 @@ from meshpipe.actions import (
 )
 from meshpipe.config import Config, TimingSection, load_config
 from meshpipe.errors import MeshpipeError
-from meshpipe.identity import Identity, resolve_sid
+from meshpipe.identity import Identity, Sid, resolve_sid
 from meshpipe.link.kiss import RADIO_BROADCAST, RADIO_HEADER_LEN
 from meshpipe.mdp import MdpError
+from meshpipe.msp import Stream
 from meshpipe.node import InterfaceParams, Timing
 from meshpipe.stack import NodeStack, PingReply
 from meshpipe_workers import messages as msg
 from meshpipe_workers import radio
 from meshpipe_workers.ring import Ring, RingSpec
+from meshpipe_workers.streams import StreamHub, reset_reason
 
 STATS_PERIOD = 30.0
 MAX_REQUEST = 64 * 1024
@@ -280,6 +282,7 @@ class ControlWorker:
             self.rx.append(sup)
             self.sel.register(sup.consumer_fd(), selectors.EVENT_READ, lambda r=sup: self._on_rx(r))
         self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
+        self.hub = StreamHub(self.sel, time.monotonic)
 
     # -- data from the interface workers ------------------------------------------
 
@@ -392,9 +395,14 @@ class ControlWorker:
             "peers": self.api_peers,
             "routes": self.api_routes,
             "sessions": self.api_sessions,
+            "streams": self.api_streams,
         }.get(cmd)
         if cmd == "ping":
             return self.api_ping(req)
+        if cmd == "msp.connect":
+            return self.api_msp_connect(req)
+        if cmd == "msp.listen":
+            return self.api_msp_listen(req)
         if handler is None:
             raise MeshpipeError(f"unknown command {cmd!r}")
         return handler()
@@ -431,6 +439,81 @@ class ControlWorker:
                 conn, {"start": True, "sid": dst.hex(), "hops": route.hops, "size": size}
             )
             self.pings.append(job)
+
+        return Deferred(start)
+
+    # -- MSP streams for the CLI (meshpipe msp connect / listen) ---------------------
+
+    def api_streams(self) -> list[dict[str, Any]]:
+        return self.core.msp.info(time.monotonic())
+
+    def api_msp_connect(self, req: dict[str, Any]) -> Deferred:
+        dst = resolve_sid(str(req.get("sid", "")), self.known_sids())
+        port = _port(req.get("port"))
+        if dst == self.identity.sid:
+            raise MeshpipeError("msp connect: that is this node's own SID")
+
+        def start(conn: socket.socket) -> None:
+            stream = self.core.msp.open(dst, port, time.monotonic())
+            self.log.info("stream.open", stream=str(stream.id), port=port, direction="out")
+
+            def opened(st: Stream) -> None:
+                info = {"stream": str(st.id), "sid": dst.hex(), "port": port}
+                if self.server.write_line(conn, {"ok": True, "result": info}):
+                    self.hub.attach(conn, st, framed=True)
+                else:
+                    st.reset(time.monotonic())
+                    conn.close()
+
+            def failed(st: Stream) -> None:
+                reason = reset_reason(st.reset_code)
+                err = f"msp connect: stream to {dst.hex()[:16]} port {port} {reason}"
+                self.server.write_line(conn, {"ok": False, "error": err})
+                conn.close()
+
+            self.hub.when_open(stream, opened, failed)
+
+        return Deferred(start)
+
+    def api_msp_listen(self, req: dict[str, Any]) -> Deferred:
+        port = _port(req.get("port"))
+        allow_raw = req.get("allow") or []
+        if not isinstance(allow_raw, list):
+            raise MeshpipeError("msp listen: allow must be a list of SIDs")
+        allow = {bytes(Sid.parse(str(a))) for a in allow_raw}
+        if self.core.msp.is_listening(port):
+            raise MeshpipeError(f"msp listen: port {port} is already in use on this node")
+        msp = self.core.msp
+        msp.listen(port, allow=(lambda sid: sid in allow) if allow else None)
+
+        def start(conn: socket.socket) -> None:
+            def gone() -> None:  # the CLI left before anyone connected
+                try:
+                    still_there = conn.recv(1, socket.MSG_PEEK) != b""
+                except BlockingIOError:
+                    still_there = True
+                except OSError:
+                    still_there = False
+                if not still_there:
+                    self.sel.unregister(conn)
+                    conn.close()
+                    self.hub.acceptors.pop(port, None)
+                    msp.unlisten(port)
+
+            def accepted(st: Stream) -> None:
+                self.hub.acceptors.pop(port, None)
+                msp.unlisten(port)  # like nc -l: one stream per listen
+                self.sel.unregister(conn)
+                info = {"stream": str(st.id), "sid": st.peer.hex(), "port": port}
+                if self.server.write_line(conn, {"ok": True, "result": info}):
+                    self.hub.attach(conn, st, framed=True)
+                else:
+                    st.reset(time.monotonic())
+                    conn.close()
+
+            conn.setblocking(False)
+            self.sel.register(conn, selectors.EVENT_READ, gone)
+            self.hub.acceptors[port] = accepted
 
         return Deferred(start)
 
@@ -496,6 +579,8 @@ class ControlWorker:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "neighbours": len(self.core.neighbours()),
             "routes": len(self.core.routes()),
+            "streams": len(self.core.msp.streams()),
+            "listening": [{"port": p} for p in self.core.msp.listening()],
             "counters": dict(counters),
             "workers": workers,
             "supervisor": self.supervisor_state,
@@ -539,11 +624,20 @@ class ControlWorker:
                 self.execute(self.core.on_timer(now))
             if self.pings:
                 self._service_pings(now)
+            events = self.core.msp.events()
+            if events:
+                self.hub.dispatch(events)
             if now >= next_stats:
                 self.stats()
                 next_stats = now + STATS_PERIOD
         self.server.close()
         self.log.info("control.stop")
+
+
+def _port(value: Any) -> int:
+    if not isinstance(value, int) or not 1 <= value <= 65535:
+        raise MeshpipeError(f"port must be 1-65535, not {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

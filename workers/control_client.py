@@ -1,9 +1,12 @@
-"""The CLI's side of the control socket: one JSON request, one JSON reply."""
+"""The CLI's side of the control socket: JSON requests and replies, and stream pipes."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,3 +89,100 @@ def request_stream(
                 return
     finally:
         s.close()
+
+
+class StreamReset(MeshpipeError):
+    """The stream behind a pipe was reset (refused, denied, timed out, aborted)."""
+
+
+_FRAME = struct.Struct("!I")
+_TRAILER = 0xFFFFFFFF
+
+
+def open_pipe(path: str, cmd: str, **args: Any) -> tuple[socket.socket, dict[str, Any], bytes]:
+    """Send a request whose success turns the connection into a stream pipe
+    (``msp.connect`` / ``msp.listen``); returns the socket, the reply's result and any
+    pipe bytes that arrived with the reply. Waits as long as the node takes."""
+    s = _connect(path, 10.0)
+    s.settimeout(None)
+    try:
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = bytearray()
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise MeshpipeError("node closed the connection without a reply")
+            buf += chunk
+        line, _, rest = bytes(buf).partition(b"\n")
+        try:
+            reply = json.loads(line)
+        except ValueError as exc:
+            raise MeshpipeError("node sent a malformed reply") from exc
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            err = reply.get("error", "request failed") if isinstance(reply, dict) else "?"
+            raise MeshpipeError(str(err))
+        return s, reply["result"], rest
+    except BaseException:
+        s.close()
+        raise
+
+
+def run_pipe(s: socket.socket, pending: bytes, stdin_fd: int, stdout_fd: int) -> None:
+    """Copy stdin to the stream (EOF half-closes it) and the stream to stdout until the
+    node reports the stream closed; raises StreamReset if it was reset."""
+
+    def pump_stdin() -> None:
+        try:
+            while True:
+                data = os.read(stdin_fd, 256 * 1024)
+                if not data:
+                    break
+                s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the node went away: the reader below reports it
+
+    threading.Thread(target=pump_stdin, daemon=True).start()
+    buf = bytearray(pending)
+    while True:
+        while len(buf) >= _FRAME.size:
+            (n,) = _FRAME.unpack_from(buf)
+            if n == _TRAILER:
+                if len(buf) < 2 * _FRAME.size:
+                    break
+                (m,) = _FRAME.unpack_from(buf, _FRAME.size)
+                if len(buf) < 2 * _FRAME.size + m:
+                    break
+                trailer = json.loads(bytes(buf[2 * _FRAME.size : 2 * _FRAME.size + m]))
+                del buf[: 2 * _FRAME.size + m]
+                if trailer.get("closed"):
+                    return
+                if "reset" in trailer:
+                    raise StreamReset(f"stream reset ({trailer['reset']})")
+                continue  # {"eof": true}: the peer is done sending; ours may continue
+            if len(buf) < _FRAME.size + n:
+                break
+            data = bytes(buf[_FRAME.size : _FRAME.size + n])
+            del buf[: _FRAME.size + n]
+            _write_all(stdout_fd, data)
+        chunk = s.recv(512 * 1024)
+        if not chunk:
+            raise StreamReset("the node ended the stream without closing it")
+        buf += chunk
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+__all__ = [
+    "NodeNotRunning",
+    "StreamReset",
+    "open_pipe",
+    "request",
+    "request_stream",
+    "run_pipe",
+]

@@ -239,6 +239,24 @@ class Lab:
             return None
         return json.loads(res.stdout)
 
+    def popen(self, name: str, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+        """Start a CLI command on a node (``meshpipe -c CONFIG *args``) in the background."""
+        node = self.nodes[name]
+        argv = [*meshpipe_argv(), "-c", str(node.config), *args]
+        return subprocess.Popen(self._wrap(name, argv), **kw)
+
+    def run(self, name: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run a CLI command on a node to its end (stdin empty), output captured."""
+        node = self.nodes[name]
+        argv = [*meshpipe_argv(), "-c", str(node.config), *args]
+        return subprocess.run(
+            self._wrap(name, argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def cli_text(self, name: str, *args: str) -> str:
         node = self.nodes[name]
         res = subprocess.run(

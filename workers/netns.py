@@ -61,6 +61,17 @@ def default_prefix() -> str:
     return f"mp{os.getpid()}"
 
 
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps the process."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and res.returncode != 0:
@@ -273,13 +284,28 @@ class Topology:
 
     def _add_link(self, index: int, left: str, right: str) -> None:
         link = Link(
-            index=index, left=left, right=right, ifname=f"veth{index}",
+            index=index,
+            left=left,
+            right=right,
+            ifname=f"veth{index}",
             left_addr=_underlay(f"198.18.{index}.1/24"),
             right_addr=_underlay(f"198.18.{index}.2/24"),
         )
         lns, rns = self.ns(left), self.ns(right)
-        _ip("-n", lns, "link", "add", link.ifname, "type", "veth",
-            "peer", "name", link.ifname, "netns", rns)
+        _ip(
+            "-n",
+            lns,
+            "link",
+            "add",
+            link.ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            link.ifname,
+            "netns",
+            rns,
+        )
         self.links.append(link)
         for ns, addr in ((lns, link.left_addr), (rns, link.right_addr)):
             _ip("-n", ns, "addr", "add", addr, "dev", link.ifname)
@@ -288,13 +314,7 @@ class Topology:
     def close(self) -> None:
         """Stop started processes and delete every namespace created; raise if any remain."""
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         self.procs.clear()
         errors: list[str] = []
         for ns in reversed(self.created):

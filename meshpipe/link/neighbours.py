@@ -127,8 +127,9 @@ def encode_hello(identity: Identity, hello: Hello) -> bytes:
 
 def split_hello(identity: Identity, hello: Hello, mtu: int) -> list[bytes]:
     """Signed hello frames of at most ``mtu`` bytes that together carry every IHU."""
-    empty = encode_hello(identity, Hello(hello.sid, hello.epoch, hello.seqno, hello.timestamp,
-                                         hello.interval_ms))
+    empty = encode_hello(
+        identity, Hello(hello.sid, hello.epoch, hello.seqno, hello.timestamp, hello.interval_ms)
+    )
     # 8 bytes of slack: array and bin headers grow by a few bytes as the body grows.
     budget = mtu - len(empty) - 8
     frames: list[bytes] = []

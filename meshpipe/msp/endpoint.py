@@ -163,6 +163,9 @@ class Msp:
     def unlisten(self, port: int) -> None:
         self._listeners.pop(port, None)
 
+    def listening(self) -> list[int]:
+        return sorted(self._listeners)
+
     def is_listening(self, port: int) -> bool:
         return port in self._listeners
 

@@ -236,7 +236,7 @@ class Stream:
         if self.state is State.CLOSED:
             raise StreamError(f"stream is closed ({self._reason()})")
         n = min(len(data), self.write_space)
-        if n < len(data):
+        if n < len(data) or n == self.write_space:  # full: say when there is room again
             self._want_writable = True
         if n:
             self._sbuf.append(bytes(data[:n]))
@@ -317,7 +317,9 @@ class Stream:
             "state": self.state.value,
             "initiator": self.initiator,
             "age_s": round(now - self.opened_at, 3),
-            "bytes_sent": self._snd_una if self.mode is not Mode.DATAGRAM else self.bytes_sent,
+            "bytes_sent": min(self._snd_una, self._sbuf.end)
+            if self.mode is not Mode.DATAGRAM
+            else self.bytes_sent,
             "bytes_received": self.bytes_received,
             "srtt_ms": round(self.rtt.srtt * 1000.0, 3),
             "cwnd": int(self.cc.cwnd),

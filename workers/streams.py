@@ -1,0 +1,331 @@
+"""Bridging sockets and MSP streams inside the control worker.
+
+A :class:`StreamPipe` joins one non-blocking socket (a CLI's control connection, an
+accepted TCP connection of a port forward) to one MSP stream, in both directions,
+with backpressure both ways: socket bytes are read only while the stream has send
+buffer space, and stream bytes are read only while the socket keeps up, so a slow
+side fills the MSP receive window instead of this process's memory.
+
+Half-close maps both ways: EOF on the socket becomes the stream's FIN, the stream's
+EOF becomes ``shutdown(SHUT_WR)`` on the socket. A stream reset closes the socket
+(a TCP socket with SO_LINGER 0, so the client sees a reset, not a clean end); a
+socket error resets the stream.
+
+With ``framed=True`` (the CLI's control connection) the stream-to-socket direction is
+framed so the CLI can tell a clean end from a reset: ``u32 length + bytes`` chunks,
+and trailers ``0xFFFFFFFF`` + ``u32 length`` + JSON: ``{"eof": true}`` when the peer
+has finished sending, then ``{"closed": true}`` once the stream has closed cleanly
+(the CLI's own bytes are all delivered), or ``{"reset": "refused"}`` and the like.
+
+:class:`StreamHub` owns the pipes and listeners and routes Msp events to them.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from meshpipe import log
+from meshpipe.msp import (
+    MspEvent,
+    Stream,
+    StreamAccepted,
+    StreamClosed,
+    StreamEof,
+    StreamEstablished,
+    StreamGap,
+    StreamReadable,
+    StreamRefused,
+    StreamWritable,
+)
+from meshpipe.msp.wire import ResetCode
+
+CHUNK = 256 * 1024
+FRAME = struct.Struct("!I")
+TRAILER = 0xFFFFFFFF
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def frame_chunk(data: bytes) -> bytes:
+    return FRAME.pack(len(data)) + data
+
+
+def frame_trailer(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj).encode()
+    return FRAME.pack(TRAILER) + FRAME.pack(len(body)) + body
+
+
+def reset_reason(code: ResetCode | None) -> str:
+    return "closed" if code is None else code.name.lower()
+
+
+class StreamPipe:
+    """One socket <-> one stream."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        sock: socket.socket,
+        stream: Stream,
+        *,
+        framed: bool = False,
+        on_end: Callable[[StreamPipe], None] | None = None,
+    ) -> None:
+        self.hub = hub
+        self.sock = sock
+        self.stream = stream
+        self.framed = framed
+        self.on_end = on_end
+        self.out = bytearray()  # stream bytes the socket has not taken yet
+        self.sock_eof = False  # the socket side said EOF (we sent our FIN)
+        self.sent_shut = False  # the stream's EOF is queued for the socket
+        self.shut_done = False  # ... and the socket's write side is shut
+        self.closed = False
+        self.bytes_in = 0  # socket -> stream
+        self.bytes_out = 0  # stream -> socket
+        sock.setblocking(False)
+        self.events = 0
+        self._update_interest()
+
+    # -- socket side ------------------------------------------------------------------
+
+    def on_socket(self, mask: int = selectors.EVENT_READ | selectors.EVENT_WRITE) -> None:
+        """The socket is ready (the selector loop calls this without a mask: both
+        operations are non-blocking, so trying each is safe)."""
+        now = self.hub.now()
+        if mask & selectors.EVENT_WRITE:
+            self._flush_out(now)
+        if mask & selectors.EVENT_READ and not self.closed:
+            self._read_socket(now)
+        self._update_interest()
+
+    def _read_socket(self, now: float) -> None:
+        st = self.stream
+        while not self.sock_eof and not self.closed:
+            room = st.write_space
+            if room <= 0:
+                return
+            try:
+                data = self.sock.recv(min(room, CHUNK))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._abort(now)
+                return
+            if not data:
+                self.sock_eof = True
+                st.shutdown(now)
+                return
+            self.bytes_in += len(data)
+            st.write(data, now)
+
+    def _flush_out(self, now: float) -> None:
+        while self.out and not self.closed:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._abort(now)
+                return
+            del self.out[:n]
+        if not self.out:
+            self.pull(now)  # also shuts the write side once the EOF is through
+
+    # -- stream side ------------------------------------------------------------------
+
+    def pull(self, now: float) -> None:
+        """Move stream bytes to the socket while it keeps up."""
+        st = self.stream
+        while not self.closed and not self.out and st.readable_bytes:
+            data = st.read(CHUNK)
+            self.bytes_out += len(data)
+            self.out += frame_chunk(data) if self.framed else data
+            self._flush_out_once(now)
+        if not self.out and st.eof and not st.readable_bytes and not self.sent_shut:
+            self.sent_shut = True
+            if self.framed:  # the connection stays open for the final trailer
+                self.out += frame_trailer({"eof": True})
+                self._flush_out_once(now)
+        if self.sent_shut and not self.out:
+            self._shut_write()
+        self._maybe_finished(now)
+        self._update_interest()
+
+    def _flush_out_once(self, now: float) -> None:
+        try:
+            n = self.sock.send(self.out)
+            del self.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._abort(now)
+
+    def _shut_write(self) -> None:
+        if self.framed or self.shut_done:
+            return
+        self.shut_done = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def on_closed(self, code: ResetCode | None, now: float) -> None:
+        """The stream is gone: deliver what is left, then end the socket."""
+        self.pull(now)
+        if code is None and not self.framed:
+            self._maybe_finished(now)
+            return
+        if self.framed:
+            end = {"closed": True} if code is None else {"reset": reset_reason(code)}
+            self.out += frame_trailer(end)
+            try:
+                self.sock.setblocking(True)
+                self.sock.settimeout(2.0)
+                self.sock.sendall(self.out)
+            except OSError:
+                pass
+        elif self.sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:  # a reset on the stream is a reset on the TCP connection
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        self._end()
+
+    def _abort(self, now: float) -> None:
+        self.stream.reset(now)
+        self._end()
+
+    def _maybe_finished(self, now: float) -> None:
+        if self.closed or self.framed:  # a framed pipe ends with its closing trailer
+            return
+        st = self.stream
+        done_out = self.sent_shut and not self.out
+        if done_out and (st.closed or (self.sock_eof and st.fin_acked)):
+            self._end()
+
+    def _end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.hub.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.on_end is not None:
+            self.on_end(self)
+
+    def _update_interest(self) -> None:
+        if self.closed:
+            return
+        want = 0
+        if not self.sock_eof and self.stream.write_space > 0:
+            want |= selectors.EVENT_READ
+        if self.out:
+            want |= selectors.EVENT_WRITE
+        if want != self.events:
+            self.hub.set_interest(self, want, self.events)
+            self.events = want
+
+
+class StreamHub:
+    """The control worker's pipes and stream listeners."""
+
+    def __init__(self, sel: selectors.BaseSelector, clock: Callable[[], float]) -> None:
+        self.sel = sel
+        self.now = clock
+        self.pipes: dict[Stream, StreamPipe] = {}
+        # Streams waiting for their handshake, with what to do once open or refused.
+        self.pending: dict[Stream, tuple[Callable[[Stream], None], Callable[[Stream], None]]] = {}
+        self.acceptors: dict[int, Callable[[Stream], None]] = {}
+        self.log = log.get()
+
+    def attach(self, sock: socket.socket, stream: Stream, **kw: Any) -> StreamPipe:
+        pipe = StreamPipe(self, sock, stream, **kw)
+        self.pipes[stream] = pipe
+        pipe.pull(self.now())
+        if stream.closed:
+            pipe.on_closed(stream.reset_code, self.now())
+        return pipe
+
+    def forget(self, pipe: StreamPipe) -> None:
+        self.pipes.pop(pipe.stream, None)
+        if pipe.events:
+            try:
+                self.sel.unregister(pipe.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def set_interest(self, pipe: StreamPipe, want: int, had: int) -> None:
+        if had and want:
+            self.sel.modify(pipe.sock, want, pipe.on_socket)
+        elif want:
+            self.sel.register(pipe.sock, want, pipe.on_socket)
+        else:
+            self.sel.unregister(pipe.sock)
+
+    def when_open(
+        self, stream: Stream, opened: Callable[[Stream], None], failed: Callable[[Stream], None]
+    ) -> None:
+        self.pending[stream] = (opened, failed)
+
+    def dispatch(self, events: list[MspEvent]) -> None:
+        now = self.now()
+        for ev in events:
+            if isinstance(ev, StreamAccepted):
+                acceptor = self.acceptors.get(ev.stream.port)
+                if acceptor is not None:
+                    acceptor(ev.stream)
+                self.log.info(
+                    "stream.open",
+                    stream=str(ev.stream.id),
+                    port=ev.stream.port,
+                    mode=ev.stream.mode.name.lower(),
+                    direction="in",
+                )
+            elif isinstance(ev, StreamEstablished):
+                pend = self.pending.pop(ev.stream, None)
+                if pend is not None:
+                    pend[0](ev.stream)
+            elif isinstance(ev, (StreamReadable, StreamEof)):
+                pipe = self.pipes.get(ev.stream)
+                if pipe is not None:
+                    pipe.pull(now)
+            elif isinstance(ev, StreamWritable):
+                pipe = self.pipes.get(ev.stream)
+                if pipe is not None:
+                    pipe.on_socket(selectors.EVENT_READ)
+            elif isinstance(ev, StreamClosed):
+                self._closed(ev, now)
+            elif isinstance(ev, StreamRefused):
+                event = "acl.denied" if ev.code is ResetCode.DENIED else "stream.refused"
+                self.log.info(event, sid=ev.peer.hex(), port=ev.port, reason=reset_reason(ev.code))
+            elif isinstance(ev, StreamGap):
+                self.log.info(
+                    "stream.gap", stream=str(ev.stream.id), start=ev.gap.start, end=ev.gap.end
+                )
+
+    def _closed(self, ev: StreamClosed, now: float) -> None:
+        st = ev.stream
+        pend = self.pending.pop(st, None)
+        if pend is not None:
+            pend[1](st)
+        pipe = self.pipes.get(st)
+        if pipe is not None:
+            pipe.on_closed(ev.code, now)
+        self.log.info(
+            "stream.close",
+            stream=str(st.id),
+            port=st.port,
+            reason=reset_reason(ev.code),
+            bytes_in=st.bytes_received,
+            bytes_out=st.info(now)["bytes_sent"],
+        )
+
+
+__all__ = ["CHUNK", "TRAILER", "StreamHub", "StreamPipe", "frame_chunk", "frame_trailer"]
