@@ -65,6 +65,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         peers=args.peer or [],
         name=args.name,
         discovery=args.discovery,
+        tunnel=args.tunnel,
     )
     print(f"wrote {path}")
     print(f"sid:  {ident.sid}")
@@ -262,6 +263,129 @@ def cmd_streams(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- services: expose, forward, socks, exit (workers/services.py does the work) ---------
+
+
+def _fmt_services(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no services known")
+        return
+    table = [
+        [
+            r["name"],
+            r["sid"][:16] + (" (this node)" if r["local"] else ""),
+            str(r["port"]),
+            r["kind"],
+            str(r["hops"]),
+            f"{r['age']:.0f}",
+        ]
+        for r in rows
+    ]
+    _print_table(table, ["NAME", "SID", "PORT", "KIND", "HOPS", "AGE_S"])
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "services"), _fmt_services)
+    return 0
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    info = _ask(
+        args,
+        "expose",
+        name=args.name,
+        to=args.to,
+        allow=args.allow or [],
+        any=args.any,
+        hidden=args.hidden,
+        port=args.port,
+    )
+    allow = info["allow"]
+    who = "any node" if allow == "any" else f"{len(allow)} node(s)" if allow else "nobody yet"
+    _emit(
+        args,
+        info,
+        lambda d: print(
+            f"exposed {d['name']} -> {d['to']} on MSP port {d['port']}, open to {who}"
+            + (" (hidden from discovery)" if d["hidden"] else "")
+        ),
+    )
+    return 0
+
+
+def cmd_unexpose(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "unexpose", name=args.name), lambda d: print(f"unexposed {d['name']}"))
+    return 0
+
+
+def _fmt_forward(d: dict[str, Any]) -> None:
+    if d["kind"] == "socks":
+        print(f"SOCKS5 on {d['listen']} via {d['sid'] or 'auto (a discovered exit)'}")
+        return
+    found = d.get("found")
+    where = (
+        f"{found['sid'][:16]} MSP port {found['port']}"
+        if found
+        else "not discovered yet (looked up on each connection)"
+    )
+    print(f"forwarding {d['listen']} -> {d['service']}: {where}")
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    info = _ask(args, "forward", target=args.target, listen=args.listen, port=args.port)
+    _emit(args, info, _fmt_forward)
+    return 0
+
+
+def _fmt_forwards(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no forwards")
+        return
+    table = [
+        [
+            r["kind"],
+            r["listen"],
+            r["service"] or "-",
+            (r["sid"] or ("auto" if r["kind"] == "socks" else "discovery"))[:16],
+            str(r["active"]),
+            str(r["total"]),
+            str(r["failed"]),
+        ]
+        for r in rows
+    ]
+    _print_table(table, ["KIND", "LISTEN", "SERVICE", "SID", "ACTIVE", "TOTAL", "FAILED"])
+
+
+def cmd_forwards(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "forwards"), _fmt_forwards)
+    return 0
+
+
+def cmd_unforward(args: argparse.Namespace) -> int:
+    info = _ask(args, "unforward", port=args.port)
+    _emit(args, info, lambda d: print(f"stopped listening on {d['listen']}"))
+    return 0
+
+
+def cmd_socks(args: argparse.Namespace) -> int:
+    _emit(args, _ask(args, "socks", listen=args.listen, via=args.via), _fmt_forward)
+    return 0
+
+
+def cmd_exit(args: argparse.Namespace) -> int:
+    info = _ask(args, "exit", allow=args.allow or [], any=args.any, off=args.off)
+
+    def human(d: dict[str, Any]) -> None:
+        if d["allow"] is None:
+            print("this node is no longer an exit")
+        else:
+            who = "any node" if d["allow"] == "any" else f"{len(d['allow'])} node(s)"
+            print(f"exit on MSP port {d['port']}, open to {who}")
+
+    _emit(args, info, human)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------
 
 
@@ -295,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peer", action="append", help="static peer HOST:PORT (repeatable)")
     sp.add_argument("--name", help="human label for this node")
     sp.add_argument("--discovery", action="store_true", help="enable LAN multicast discovery")
+    sp.add_argument("--tunnel", action="store_true", help="turn the IP tunnel (TUN device) on")
     sp.set_defaults(fn=cmd_init)
 
     sp = node_cmd("run", cmd_run, "run the node (supervisor and workers) in the foreground")
@@ -310,6 +435,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", "-s", type=int, default=0, help="payload bytes")
     sp.add_argument("--pattern", "-p", default="", help="hex bytes repeated as padding")
     node_cmd("streams", cmd_streams, "open MSP streams")
+    node_cmd("services", cmd_services, "services known by discovery (and this node's own)")
+    sp = node_cmd("expose", cmd_expose, "offer a local TCP service to the mesh as NAME")
+    sp.add_argument("name")
+    sp.add_argument("--to", required=True, help="the local TCP target HOST:PORT")
+    sp.add_argument("--allow", action="append", help="a whole SID that may use it (repeatable)")
+    sp.add_argument("--any", action="store_true", help="open to every node")
+    sp.add_argument("--hidden", action="store_true", help="serve it but do not announce it")
+    sp.add_argument("--port", type=int, help="MSP port (default: derived from the name)")
+    sp = node_cmd("unexpose", cmd_unexpose, "stop offering a service (and withdraw it)")
+    sp.add_argument("name")
+    sp = node_cmd("forward", cmd_forward, "forward a local TCP port to a service NAME[@SID]")
+    sp.add_argument("target", help="NAME, or NAME@SID (a SID or unique prefix)")
+    sp.add_argument("--listen", required=True, help="local HOST:PORT to accept connections on")
+    sp.add_argument("--port", type=int, help="the service's MSP port (for a hidden service)")
+    node_cmd("forwards", cmd_forwards, "the node's forward and SOCKS listeners")
+    sp = node_cmd("unforward", cmd_unforward, "stop a forward or SOCKS listener")
+    sp.add_argument("port", type=int, help="its local TCP port")
+    sp = node_cmd("socks", cmd_socks, "a local SOCKS5 endpoint that leaves the mesh at an exit")
+    sp.add_argument("--listen", default="127.0.0.1:1080", help="local HOST:PORT")
+    sp.add_argument("--via", default="auto", help="the exit's SID (or prefix), or auto")
+    sp = node_cmd("exit", cmd_exit, "make this node a SOCKS5 exit for the given nodes")
+    sp.add_argument("--allow", action="append", help="a whole SID that may use it (repeatable)")
+    sp.add_argument("--any", action="store_true", help="open to every node")
+    sp.add_argument("--off", action="store_true", help="stop being an exit")
     sp = node_cmd(
         "msp", cmd_msp, "netcat over an MSP stream (msp listen PORT / msp connect SID PORT)"
     )

@@ -30,6 +30,7 @@ from meshpipe.identity import Identity
 from meshpipe.link.kiss import RADIO_HEADER_LEN
 from meshpipe.node import MIN_MTU as CORE_MIN_MTU
 from meshpipe.services.acl import Acl, AclError
+from meshpipe.services.discovery import MAX_LIFETIME as MAX_SERVICE_LIFETIME
 from meshpipe.services.discovery import ServiceError, check_name
 from meshpipe.services.exit_policy import (
     ExitPolicy,
@@ -39,6 +40,9 @@ from meshpipe.services.exit_policy import (
     PortRange,
     parse_network,
 )
+from meshpipe.tunnel import DEFAULT_MTU as TUNNEL_DEFAULT_MTU
+from meshpipe.tunnel import MIN_MTU as TUNNEL_MIN_MTU
+from meshpipe.tunnel import OVERLAY as TUNNEL_OVERLAY
 
 DEFAULT_CONTROL_SOCKET: Final = "/run/meshpipe/control.sock"
 DEFAULT_LISTEN: Final = "127.0.0.1:7700"
@@ -159,6 +163,38 @@ class ExitSection:
 
 
 @dataclass(frozen=True)
+class TunnelRoute:
+    """One ``[[tunnel.route]]``: packets to ``prefix`` go to node ``via`` (a whole SID),
+    and packets from ``via`` may carry source addresses in ``prefix``."""
+
+    prefix: IPNetwork
+    via: bytes
+
+
+@dataclass(frozen=True)
+class TunnelSection:
+    """``[tunnel]``: the IP tunnel (TUN device ``name``, see meshpipe/tunnel.py)."""
+
+    enabled: bool = False
+    name: str = "mesh0"
+    mtu: int = TUNNEL_DEFAULT_MTU
+    # Extra addresses for the device besides the overlay /128 (e.g. an IPv4 /32 that
+    # peers route back here): "198.18.201.1/32".
+    addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
+    routes: tuple[TunnelRoute, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    """``[discovery]``: how long this node's service records live and how often they
+    are re-announced (seconds). Short values make a vanished node's services drop out
+    of other nodes' lists sooner, at the price of more announcements."""
+
+    lifetime: float = 120.0
+    refresh: float = 40.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: str  # absolute path of the file this was loaded from
     node: NodeSection
@@ -167,6 +203,8 @@ class Config:
     interfaces: tuple[InterfaceConfig, ...]
     services: tuple[ServiceConfig, ...] = ()
     exit: ExitSection = ExitSection()
+    discovery: DiscoverySection = DiscoverySection()
+    tunnel: TunnelSection = TunnelSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -677,6 +715,60 @@ def _section_services(ctx: _Context, value: object) -> tuple[ServiceConfig, ...]
     return tuple(result)
 
 
+_TUNNEL_ROUTE_KEYS = ("prefix", "via")
+
+
+def _section_tunnel(t: _Table) -> TunnelSection:
+    name = t.string("name", "mesh0")
+    if not _IFACE_NAME.fullmatch(name):
+        raise t.error("name", f"{name!r} must be 1 to 15 characters from a-z, 0-9, '_' and '-'")
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+    for i, text in enumerate(t.string_list("addresses")):
+        try:
+            addr = ipaddress.ip_interface(text)
+        except ValueError:
+            raise t.error(f"addresses[{i}]", f"{text!r} is not an ADDRESS/PREFIXLEN") from None
+        if addr.ip in TUNNEL_OVERLAY:
+            raise t.error(f"addresses[{i}]", "the overlay address is added by itself")
+        addresses.append(addr)
+    raw = t._get("route", [], "an array of tables [[tunnel.route]]")
+    if type(raw) is not list:
+        raise t.error("route", "must be an array of tables: write each one as [[tunnel.route]]")
+    assert isinstance(raw, list)
+    routes: list[TunnelRoute] = []
+    for i, item in enumerate(raw):
+        if type(item) is not dict:
+            raise t.error(f"route[{i}]", f"must be a table, got {_type_name(item)}")
+        r = _Table(t.ctx, t.key(f"route[{i}]"), item, _TUNNEL_ROUTE_KEYS)
+        text = r.string("prefix")
+        try:
+            prefix = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise r.error("prefix", f"{text!r} is not a prefix: {exc}") from None
+        via_text = r.string("via")
+        if not re.fullmatch(r"[0-9a-f]{64}", via_text):
+            raise r.error("via", "must be a whole SID: 64 lowercase hex characters")
+        for j, other in enumerate(routes):
+            if other.prefix == prefix:
+                raise r.error("prefix", f"{prefix} is also routed by {t.key(f'route[{j}]')}")
+        routes.append(TunnelRoute(prefix, bytes.fromhex(via_text)))
+    return TunnelSection(
+        enabled=t.boolean("enabled", False),
+        name=name,
+        mtu=t.integer("mtu", TUNNEL_DEFAULT_MTU, lo=TUNNEL_MIN_MTU, hi=MAX_MTU),
+        addresses=tuple(addresses),
+        routes=tuple(routes),
+    )
+
+
+def _section_discovery(t: _Table) -> DiscoverySection:
+    lifetime = t.seconds("lifetime", DiscoverySection.lifetime)
+    refresh = t.seconds("refresh", DiscoverySection.refresh)
+    if not 0 < refresh < lifetime <= MAX_SERVICE_LIFETIME:
+        raise t.error("refresh", f"want 0 < refresh < lifetime <= {MAX_SERVICE_LIFETIME:g} seconds")
+    return DiscoverySection(lifetime=lifetime, refresh=refresh)
+
+
 def _table_section(
     keys: Sequence[str], fn: Callable[[_Table], T]
 ) -> Callable[[_Context, str, object], T]:
@@ -716,6 +808,10 @@ _SECTIONS: Final[dict[str, _Section]] = {
             ("enabled", "allow", "allow_networks", "deny_networks", "allow_ports"), _section_exit
         ),
         False,
+    ),
+    "discovery": _Section(_table_section(("lifetime", "refresh"), _section_discovery), False),
+    "tunnel": _Section(
+        _table_section(("enabled", "name", "mtu", "addresses", "route"), _section_tunnel), False
     ),
 }
 
@@ -760,6 +856,8 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
         interfaces=parsed["interface"],
         services=parsed["service"],
         exit=parsed["exit"],
+        discovery=parsed["discovery"],
+        tunnel=parsed["tunnel"],
     )
 
 
@@ -803,6 +901,7 @@ def starter_config_text(
     peers: Sequence[str] = (),
     name: str | None = None,
     discovery: bool = False,
+    tunnel: bool = False,
 ) -> str:
     """The commented config that ``meshpipe init`` writes (key and socket beside it)."""
     listen_text = format_hostport(parse_hostport(listen))
@@ -861,6 +960,26 @@ discovery = {"true" if discovery else "false"}
 multicast_group = "{DEFAULT_MULTICAST_GROUP}"
 # Largest frame to send on this link, in bytes ({MIN_MTU}..{MAX_MTU}).
 mtu = {DEFAULT_MTU}
+{_starter_tunnel(tunnel)}"""
+
+
+def _starter_tunnel(enabled: bool) -> str:
+    return f"""
+[tunnel]
+# The IP tunnel: a TUN device with this node's overlay IPv6 address; other nodes'
+# overlay addresses (fd00::/8) are reached through it, end-to-end encrypted.
+enabled = {"true" if enabled else "false"}
+# Name of the TUN device.
+name = "mesh0"
+# MTU of the TUN device ({TUNNEL_MIN_MTU}..{MAX_MTU}); packets are fragmented to each path's MTU.
+mtu = {TUNNEL_DEFAULT_MTU}
+# Extra addresses for the device, e.g. an IPv4 address that peers route back here.
+# addresses = ["198.18.201.1/32"]
+# Route a prefix to a node (cryptokey routing, like WireGuard's allowed-ips): packets
+# to it go to that node, and packets from that node may use source addresses in it.
+# [[tunnel.route]]
+# prefix = "198.18.200.0/24"
+# via = "<the gateway's whole SID, 64 hex characters>"
 """
 
 
@@ -870,6 +989,7 @@ def write_starter_config(
     peers: Sequence[str] = (),
     name: str | None = None,
     discovery: bool = False,
+    tunnel: bool = False,
 ) -> tuple[str, Identity]:
     """Make ``directory`` (0700) with a new ``node.key`` and a commented ``meshpipe.toml``.
 
@@ -886,7 +1006,7 @@ def write_starter_config(
             parse_hostport(addr)
         except ValueError as exc:
             raise ConfigError(config_path, key, str(exc)) from None
-    text = starter_config_text(listen, peers, name, discovery)
+    text = starter_config_text(listen, peers, name, discovery, tunnel)
     parse_config(text, config_path, cpu_count=1)  # the file we write must load
     if os.path.lexists(config_path):
         raise ConfigError(config_path, "", "already exists; refusing to overwrite it")

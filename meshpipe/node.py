@@ -216,6 +216,7 @@ class NodeCore:
                 p.timing.update_interval if p.timing else None for p in interfaces
             ],
             iface_route_expiry=[p.timing.route_expiry if p.timing else None for p in interfaces],
+            iface_mtus=[p.mtu for p in interfaces],
         )
         # First hellos go out almost at once, spread a little so a mesh booted
         # together does not transmit in lockstep.
@@ -329,6 +330,10 @@ class NodeCore:
 
     def forwarding_table(self) -> dict[bytes, tuple[int, LinkAddr]]:
         return dict(self._fwd)
+
+    def next_hop(self, dst: bytes) -> tuple[int, LinkAddr] | None:
+        """(interface, link address) towards ``dst``; no copy of the table."""
+        return self._fwd.get(bytes(dst))
 
     # -- frames --------------------------------------------------------------------------
 

@@ -2,8 +2,11 @@
 
 Routes are keyed by origin SID. Each origin owns a 32-bit sequence number and
 signs ``ROUTE_DOMAIN + origin + seqno (4 bytes, big endian)`` with its key; an
-update carries ``(origin, seqno, metric, hops, signature)``. Forwarders add their
-link cost to the metric and one to the hop count; those two fields are not signed.
+update carries ``(origin, seqno, metric, hops, signature, mtu)``. Forwarders add their
+link cost to the metric and one to the hop count, and lower ``mtu`` to the MTU of the
+interface the update arrived on, so it ends up as the path MTU: the largest frame
+that crosses every link to the origin. Those three fields are not signed (a liar
+can only make its own path look worse, or bigger frames die at its own link).
 The signature binds origin and seqno, so nobody can announce a route *to* someone
 else's address with a seqno that origin never issued (an old, genuinely signed
 seqno can still be replayed, but the feasibility condition makes old seqnos lose).
@@ -11,7 +14,8 @@ seqno can still be replayed, but the feasibility condition makes old seqnos lose
 ROUTING frame::
 
     kind byte + msgpack [frame_seq: u32, [update, ...], [request, ...]]
-    update  = [origin: bin 32, seqno: u32, metric: u16, hops: u8, signature: bin 64]
+    update  = [origin: bin 32, seqno: u32, metric: u16, hops: u8, signature: bin 64,
+               mtu: u16]
     request = [origin: bin 32, seqno: u32, hop_count: u8]      (seqno request)
 
 A metric of INFINITY (0xFFFF) is a retraction. ``frame_seq`` counts the sender's
@@ -53,6 +57,8 @@ REQUEST_HOPS = 64  # hop-count limit a seqno request starts with
 MAX_ITEMS = 4096  # per frame and list; no MTU we drive gets near it
 SWITCH_HYSTERESIS = 16  # a new route must beat the current one by this much
 SIG_CACHE_SIZE = 16384
+MAX_PATH_MTU = 65535  # what the origin announces: no link limits it yet
+MIN_PATH_MTU = 64  # below this an update is malformed (no link can be that small)
 FRAME_OVERHEAD = 16  # kind byte, outer array, frame seq, the two list headers; generously
 
 
@@ -77,9 +83,10 @@ class Update:
     metric: int
     hops: int
     sig: bytes
+    mtu: int = MAX_PATH_MTU  # the path MTU to origin along the sender's route
 
     def as_list(self) -> list[object]:
-        return [bytes(self.origin), self.seqno, self.metric, self.hops, self.sig]
+        return [bytes(self.origin), self.seqno, self.metric, self.hops, self.sig, self.mtu]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +121,7 @@ def decode_routing(frame: bytes) -> RoutingFrame:
     seq = wire.expect_int(outer[0], 0, SEQNO_MOD - 1, "routing frame seq")
     updates: list[Update] = []
     for raw in wire.expect_list(outer[1], MAX_ITEMS, "updates"):
-        item = wire.expect_record(raw, 5, "update")
+        item = wire.expect_record(raw, 6, "update")
         updates.append(
             Update(
                 origin=wire.expect_bytes(item[0], SID_LEN, "update origin"),
@@ -122,6 +129,7 @@ def decode_routing(frame: bytes) -> RoutingFrame:
                 metric=wire.expect_int(item[2], 0, INFINITY, "update metric"),
                 hops=wire.expect_int(item[3], 0, 255, "update hops"),
                 sig=wire.expect_bytes(item[4], SIG_LEN, "update signature"),
+                mtu=wire.expect_int(item[5], MIN_PATH_MTU, MAX_PATH_MTU, "update mtu"),
             )
         )
     requests: list[SeqnoRequest] = []
@@ -203,6 +211,7 @@ class RouteEntry:
     sig: bytes
     updated: float
     frame_seq: int  # the neighbour's routing frame that carried it
+    mtu: int = MAX_PATH_MTU  # path MTU through this neighbour (our link included)
 
 
 @dataclass(slots=True)
@@ -213,6 +222,7 @@ class Selected:
     seqno: int
     hops: int
     sig: bytes
+    mtu: int = MAX_PATH_MTU
 
 
 @dataclass(slots=True)
@@ -266,8 +276,10 @@ class Router:
         jitter: float,
         iface_update_intervals: Sequence[float | None] = (),
         iface_route_expiry: Sequence[float | None] = (),
+        iface_mtus: Sequence[int] = (),
     ) -> None:
         self.identity = identity
+        self.iface_mtus = tuple(iface_mtus)
         self.sid = identity.sid
         self.links = links
         self.counters = counters
@@ -318,6 +330,14 @@ class Router:
         self.dirty: dict[bytes, None] = {}  # destinations whose forwarding may have changed
 
     # -- helpers -----------------------------------------------------------------------
+
+    def iface_mtu(self, iface: int) -> int:
+        return self.iface_mtus[iface] if iface < len(self.iface_mtus) else MAX_PATH_MTU
+
+    def route_mtu(self, origin: bytes) -> int | None:
+        """Path MTU of the selected route to ``origin`` (None without a route)."""
+        sel = self.selected.get(bytes(origin))
+        return None if sel is None else sel.mtu
 
     def own_update(self) -> Update:
         if self._own_sig is None or self._own_sig[0] != self.seqno:
@@ -376,7 +396,7 @@ class Router:
             key = link.key
         else:
             m, _, key, e, link = best
-        self._set_selected(origin, Selected(key, link.sid, m, e.seqno, e.hops, e.sig), now)
+        self._set_selected(origin, Selected(key, link.sid, m, e.seqno, e.hops, e.sig, e.mtu), now)
 
     def _set_selected(self, origin: bytes, new: Selected | None, now: float) -> None:
         old = self.selected.get(origin)
@@ -482,22 +502,24 @@ class Router:
             return
         es = self.entries.setdefault(origin, {})
         e = es.get(key)
+        mtu = min(u.mtu, self.iface_mtu(key[0]))
         if e is not None and seqno_newer(e.frame_seq, fseq):
             self.counters["update.stale"] += 1
             return
         if e is None:
             # A retraction is kept too (as an unusable entry until it expires), so
             # an older announcement overtaken by it on the link stays overridden.
-            es[key] = RouteEntry(u.seqno, u.metric, u.hops + 1, u.sig, now, fseq)
+            es[key] = RouteEntry(u.seqno, u.metric, u.hops + 1, u.sig, now, fseq, mtu)
             self.by_nb.setdefault(key, {})[origin] = None
         else:
-            e.seqno, e.adv_metric, e.hops, e.sig, e.updated, e.frame_seq = (
+            e.seqno, e.adv_metric, e.hops, e.sig, e.updated, e.frame_seq, e.mtu = (
                 u.seqno,
                 u.metric,
                 u.hops + 1,
                 u.sig,
                 now,
                 fseq,
+                mtu,
             )
         self.reselect(origin, now)
 
@@ -583,7 +605,7 @@ class Router:
                 if sel.seqno == fd.seqno and sel.metric < fd.metric:
                     fd.metric = sel.metric
                 fd.touched = now
-            return Update(origin, sel.seqno, sel.metric, sel.hops, sel.sig)
+            return Update(origin, sel.seqno, sel.metric, sel.hops, sel.sig, sel.mtu)
         r = self.retracting.get(origin)
         if r is not None:
             return Update(origin, r[0], INFINITY, 0, r[1])

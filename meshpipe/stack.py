@@ -202,12 +202,18 @@ class NodeStack:
         return out
 
     def path_mtu(self, dst: bytes) -> int:
-        """MTU of the first hop towards ``dst`` (the smallest interface MTU if unknown)."""
+        """Largest frame that crosses every link to ``dst``: the route's path MTU (learnt
+        from route updates) capped by the first hop's interface; the smallest
+        interface MTU when there is no route."""
         mtus = [p.mtu for p in self.core.interfaces]
         if bytes(dst) == self.sid:
             return max(mtus)
-        hop = self.core.forwarding_table().get(bytes(dst))
-        return self.core.interfaces[hop[0]].mtu if hop is not None else min(mtus)
+        hop = self.core.next_hop(dst)
+        if hop is None:
+            return min(mtus)
+        route = self.core.router.route_mtu(dst)
+        first = self.core.interfaces[hop[0]].mtu
+        return first if route is None else min(first, route)
 
     def max_datagram(self, dst: bytes) -> int:
         return max_payload(self.path_mtu(dst))
@@ -334,6 +340,7 @@ class NodeStack:
             self.session.counters,
             self.mdp.counters,
             self.discovery.counters,
+            self.msp.counters,
             self._counters,
         ):
             merged.update(c)

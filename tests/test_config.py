@@ -218,7 +218,7 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     ("extra", "key"),
     [
         ("[nodes]\nkey = 1\n", "nodes"),
-        ("[tunnel]\n", "tunnel"),
+        ("[tunnel]\nmtuu = 1280\n", "tunnel.mtuu"),
         ("top_level = 1\n", "top_level"),
         ("[node.sub]\nx = 1\n", "node.sub"),
         ("[workers]\nper_iface = 2\n", "workers.per_iface"),

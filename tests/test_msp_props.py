@@ -147,10 +147,13 @@ class _Pipe:
 
     def __init__(self, rng: random.Random, loss: float, dup: float) -> None:
         self.rng, self.loss, self.dup = rng, loss, dup
+        self.mtu = 600  # frames above it (after the 95 bytes of lower headers) are dropped
         self.a = Msp(
-            b"\x01" * 32, lambda _d: 600, MspParams(send_buffer=64 * 1024, recv_buffer=32 * 1024)
+            b"\x01" * 32,
+            lambda _d: self.mtu,
+            MspParams(send_buffer=64 * 1024, recv_buffer=32 * 1024),
         )
-        self.b = Msp(b"\x02" * 32, lambda _d: 600, MspParams(recv_buffer=32 * 1024))
+        self.b = Msp(b"\x02" * 32, lambda _d: self.mtu, MspParams(recv_buffer=32 * 1024))
         self.now = 0.0
         self.heap: list[tuple[float, int, bytes, bytes]] = []
         self.seq = 0
@@ -171,6 +174,8 @@ class _Pipe:
         self.now = max(self.now, nxt)
         while self.heap and self.heap[0][0] <= self.now:
             _, _, src, pt = heapq.heappop(self.heap)
+            if len(pt) + 95 > self.mtu:  # too big for the path as it is now
+                continue
             to = self.b if src == self.a.sid else self.a
             self.send(to, to.on_plaintext(src, pt, 1, self.now))
         for m in (self.a, self.b):
@@ -208,3 +213,32 @@ def test_sack_bookkeeping_under_a_hostile_pipe(seed: int, loss: float, dup: floa
         if far is not None and far.eof and s.all_acked:
             break
     assert bytes(got) == data
+
+
+def test_segments_are_recut_when_the_path_mtu_shrinks() -> None:
+    rng = random.Random(5)
+    pipe = _Pipe(rng, 0.0, 0.0)
+    pipe.b.listen(9)
+    data = rng.randbytes(200_000)
+    s = pipe.a.open(pipe.b.sid, 9, pipe.now)
+    sent = 0
+    got = bytearray()
+    far = None
+    for _ in range(100_000):
+        if sent < len(data):
+            sent += s.write(data[sent : sent + 8192], pipe.now)
+            if sent == len(data):
+                s.shutdown(pipe.now)
+        if len(got) > 50_000 and pipe.mtu != 300:
+            pipe.mtu = 300  # the route changed: everything in flight is too big now
+        pipe.step()
+        for ev in pipe.b.events():
+            if isinstance(ev, StreamAccepted):
+                far = ev.stream
+        pipe.a.events()
+        if far is not None:
+            got += far.read()
+            if far.eof and s.all_acked:
+                break
+    assert bytes(got) == data
+    assert pipe.a.counters["msp.resegmented"] > 0 and s.mss == 300 - 95 - 18

@@ -13,6 +13,8 @@ import random
 
 import pytest
 
+from meshpipe.actions import BROADCAST
+from meshpipe.identity import Identity
 from meshpipe.msp import (
     Mode,
     MspParams,
@@ -24,7 +26,8 @@ from meshpipe.msp import (
     StreamGap,
     StreamRefused,
 )
-from meshpipe.sim import LinkProfile
+from meshpipe.node import InterfaceParams
+from meshpipe.sim import LinkProfile, SimMesh
 from meshpipe.stack import NodeStack
 from tests.msp_sim import Line, path_loss_per_link
 
@@ -191,7 +194,8 @@ def test_deadline_mode_never_late_and_reports_every_gap(path_loss: float, seed: 
 
 
 def test_two_streams_share_a_bottleneck_fairly() -> None:
-    """Both streams A->D cross a 4 Mbit/s B-C link; each gets its share within 1.5x."""
+    """Both streams A->D cross a 4 Mbit/s B-C link. After 10 s to settle, each gets its
+    share within 1.5x over the next 40 s, and together they fill the link."""
     line = Line(seed=5, profile=faulty(0.0, reorder=0.0, duplicate=0.0))
     line.sim.set_profile("B", "C", faulty(0.0, bandwidth_bps=4e6, reorder=0.0, duplicate=0.0))
     data = bytes(64 * MB)
@@ -208,14 +212,20 @@ def test_two_streams_share_a_bottleneck_fairly() -> None:
             for s in tr.accepted:
                 got[i] += len(s.read())
 
-    for _ in range(1500):  # 30 s
-        for tr in transfers:
-            line.act("A", tr.feed)
-        line.sim.run_for(0.02, on_step=on_step)
-    assert min(got) > 0
-    ratio = max(got) / min(got)
-    assert ratio < 1.5, f"shares {got} (ratio {ratio:.2f})"
-    assert sum(got) * 8 / 30 > 0.7 * 4e6  # and together they use the link
+    def run(seconds: float) -> None:
+        for _ in range(round(seconds / 0.02)):
+            for tr in transfers:
+                line.act("A", tr.feed)
+            line.sim.run_for(0.02, on_step=on_step)
+
+    run(10.0)
+    settled = list(got)
+    run(40.0)
+    shares = [got[i] - settled[i] for i in range(2)]
+    assert min(shares) > 0
+    ratio = max(shares) / min(shares)
+    assert ratio < 1.5, f"shares {shares} (ratio {ratio:.2f})"
+    assert sum(shares) * 8 / 40 > 0.7 * 4e6, shares
 
 
 def test_refused_denied_and_reset() -> None:
@@ -316,3 +326,60 @@ def test_reliable_stream_over_a_small_mtu_path() -> None:
     t.run(limit=300.0)
     assert t.result == data
     assert t.stream.mss == 255 - 95 - 18
+
+
+def test_path_mtu_is_learnt_from_routes_and_segments_shrink() -> None:
+    """A -1400- B -1400- C -255- D: A's first hop is wide, the last link narrow. Routes
+    carry the path MTU, so A cuts its segments for 255-byte frames from the start."""
+    rng = random.Random(11)
+    sim = SimMesh(seed=11)
+    ids = {n: Identity.from_seed(f"pmtu-{n}".encode().ljust(32, b".")) for n in "ABCD"}
+    ifaces = {
+        "A": [InterfaceParams("w", mtu=1400, flood_dest=BROADCAST)],
+        "B": [InterfaceParams("w", mtu=1400, flood_dest=BROADCAST)],
+        "C": [
+            InterfaceParams("w", mtu=1400, flood_dest=BROADCAST),
+            InterfaceParams("r", mtu=255, flood_dest=BROADCAST),
+        ],
+        "D": [InterfaceParams("r", mtu=255, flood_dest=BROADCAST)],
+    }
+    for n in "ABCD":
+        sim.add_node(
+            n,
+            NodeStack(
+                ids[n],
+                ifaces[n],
+                rng=random.Random(n),
+                epoch_ns=1,
+                random_bytes=rng.randbytes,
+            ),
+        )
+    sim.connect("A", "B", LinkProfile(mtu=1400))
+    sim.connect("B", "C", LinkProfile(mtu=1400))
+    sim.connect("C", "D", LinkProfile(mtu=255), a_iface=1)
+    sim.run_for(10.0)
+    a = sim.node_as("A", NodeStack)
+    d = sim.node_as("D", NodeStack)
+    assert a.path_mtu(ids["D"].sid) == 255 and a.path_mtu(ids["B"].sid) == 1400
+    d.msp.listen(PORT)
+    data = rng.randbytes(100_000)
+    box: list[Stream] = []
+
+    def start(node: NodeStack, now: float) -> list[object]:
+        st = node.msp.open(ids["D"].sid, PORT, now)
+        st.write(data, now)
+        st.shutdown(now)
+        box.append(st)
+        return list(node.on_timer(now))
+
+    sim.call("A", start)  # type: ignore[arg-type]
+    got = bytearray()
+    for _ in range(600):
+        sim.run_for(0.1)
+        for st in d.msp.streams():
+            got += st.read()
+        if len(got) == len(data):
+            break
+    assert bytes(got) == data
+    assert box[0].mss == 255 - 95 - 18
+    assert sim.stats.dropped_mtu == 0

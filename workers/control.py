@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import selectors
-import signal
 import socket
 import sys
 import time
@@ -36,11 +35,16 @@ from meshpipe.link.kiss import RADIO_BROADCAST, RADIO_HEADER_LEN
 from meshpipe.mdp import MdpError
 from meshpipe.msp import Stream
 from meshpipe.node import InterfaceParams, Timing
+from meshpipe.services.discovery import DiscoveryTiming
 from meshpipe.stack import NodeStack, PingReply
 from meshpipe_workers import messages as msg
 from meshpipe_workers import radio
 from meshpipe_workers.ring import Ring, RingSpec
+from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
+from meshpipe_workers.services import Services
+from meshpipe_workers.stopflag import StopFlag
 from meshpipe_workers.streams import StreamHub, reset_reason
+from meshpipe_workers.tun import TunnelBridge
 
 STATS_PERIOD = 30.0
 MAX_REQUEST = 64 * 1024
@@ -261,7 +265,14 @@ class ControlWorker:
         # epoch_ns makes handshake timestamps grow across restarts of this node, so
         # peers accept our new handshakes and reject replayed old ones.
         self.core = NodeStack(
-            identity, interface_params(cfg), timing(cfg), now=self.started, epoch_ns=time.time_ns()
+            identity,
+            interface_params(cfg),
+            timing(cfg),
+            now=self.started,
+            epoch_ns=time.time_ns(),
+            discovery_timing=DiscoveryTiming(
+                lifetime=cfg.discovery.lifetime, refresh=cfg.discovery.refresh
+            ),
         )
         self.pings: list[PingJob] = []
         self.counters: Counter[str] = Counter()
@@ -281,8 +292,18 @@ class ControlWorker:
             sup = Ring.attach(RingSpec.from_json(rings["supervisor"]))
             self.rx.append(sup)
             self.sel.register(sup.consumer_fd(), selectors.EVENT_READ, lambda r=sup: self._on_rx(r))
+        self._tx_pending: dict[Ring, list[bytes]] = {}
         self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
         self.hub = StreamHub(self.sel, time.monotonic)
+        # Exposed services, forwards, SOCKS and the exit (workers/services.py).
+        self.services = Services(
+            self.core, self.hub, self.sel, cfg, self.execute, time.monotonic, self.known_sids
+        )
+        self.tunnel: TunnelBridge | None = None
+        if "tunnel" in rings:
+            self.tunnel = TunnelBridge(
+                cfg.tunnel, self.core.msp, rings["tunnel"], self.sel, self.known_sids
+            )
 
     # -- data from the interface workers ------------------------------------------
 
@@ -321,6 +342,20 @@ class ControlWorker:
     # -- executing the core's actions ---------------------------------------------------
 
     def execute(self, actions: Iterable[Action]) -> None:
+        try:
+            self._execute(actions)
+        finally:
+            self._flush_tx()
+
+    def _flush_tx(self) -> None:
+        """Publish the frames queued by _send: one batch (and one wake-up) per ring."""
+        for ring, recs in self._tx_pending.items():
+            written = ring.put_batch(recs)
+            if written < len(recs):
+                self.counters["drop.tx_queue_full"] += len(recs) - written
+        self._tx_pending.clear()
+
+    def _execute(self, actions: Iterable[Action]) -> None:
         for a in actions:
             if isinstance(a, SendFrame):
                 self._send(a)
@@ -354,8 +389,7 @@ class ControlWorker:
         else:
             self.counters["drop.bad_dest"] += 1
             return
-        if not ring.put(rec):
-            self.counters["drop.tx_queue_full"] += 1
+        self._tx_pending.setdefault(ring, []).append(rec)
 
     def _push_forwarding(
         self, entries: dict[bytes, Any], full: bool, only: Ring | None = None
@@ -403,6 +437,8 @@ class ControlWorker:
             return self.api_msp_connect(req)
         if cmd == "msp.listen":
             return self.api_msp_listen(req)
+        if cmd in SERVICE_COMMANDS:
+            return self.services.handle(cmd, req)
         if handler is None:
             raise MeshpipeError(f"unknown command {cmd!r}")
         return handler()
@@ -573,8 +609,11 @@ class ControlWorker:
                     "rx_queue_dropped": body.get("rx_ring_dropped", 0),
                 }
             )
+        if self.tunnel is not None:
+            counters.update(self.tunnel.all_counters())
         return {
             **self.api_id(),
+            **({"tunnel": self.tunnel.status()} if self.tunnel is not None else {}),
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "neighbours": len(self.core.neighbours()),
@@ -596,17 +635,11 @@ class ControlWorker:
             routes=s["routes"],
             counters=s["counters"],
             workers=s["workers"],
+            **({"tunnel": s["tunnel"]} if "tunnel" in s else {}),
         )
 
     def run(self) -> None:
-        stop = False
-
-        def _stop(_sig: int, _frm: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        stop = StopFlag()
         self.log.info("control.start", control_socket=self.cfg.node.control_socket)
         next_stats = time.monotonic() + STATS_PERIOD
         self.execute(self.core.on_timer(time.monotonic()))
@@ -614,7 +647,12 @@ class ControlWorker:
             self._on_rx(ring)
         while not stop:
             now = time.monotonic()
-            wake = min(self.core.next_deadline(), next_stats, self._ping_deadline())
+            wake = min(
+                self.core.next_deadline(),
+                next_stats,
+                self._ping_deadline(),
+                self.services.next_deadline(),
+            )
             if self.pings:
                 wake = min(wake, now + 0.05)  # replies and timeouts are checked on wake-ups
             for key, _ in self.sel.select(max(0.0, min(wake - now, 1.0))):
@@ -624,12 +662,17 @@ class ControlWorker:
                 self.execute(self.core.on_timer(now))
             if self.pings:
                 self._service_pings(now)
+            self.services.on_timer(now)
             events = self.core.msp.events()
             if events:
+                events = self.services.filter(events)
+                if self.tunnel is not None:
+                    self.tunnel.on_events(events)
                 self.hub.dispatch(events)
             if now >= next_stats:
                 self.stats()
                 next_stats = now + STATS_PERIOD
+        self.services.close()
         self.server.close()
         self.log.info("control.stop")
 

@@ -12,7 +12,6 @@ import argparse
 import errno
 import json
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -23,6 +22,7 @@ from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
+from meshpipe_workers.stopflag import StopFlag
 
 RECV_BATCH = 256
 COUNTER_PERIOD = 1.0
@@ -220,14 +220,7 @@ class InterfaceWorker:
             "interface.start", iface=self.cfg.name, worker=self.worker, listen=_fmt(self.cfg.listen)
         )
         next_report = time.monotonic() + COUNTER_PERIOD
-        stop = False
-
-        def _stop(_sig: int, _frm: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        stop = StopFlag()
         while not stop:
             timeout = max(0.0, next_report - time.monotonic())
             for key, _ in sel.select(timeout):

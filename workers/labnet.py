@@ -69,9 +69,10 @@ class Lab:
         self.extra_config = extra_config  # raw TOML appended to every node's config
         # Raw TOML for one node (e.g. its radio [[interface]], see radio_channel.py).
         self.node_config = node_config or {}
-        # Loopback mode only: the nodes that get a UDP interface, linked in a line in
-        # the order of ``names`` (default: all); the others have only what
-        # node_config gives them.
+        # The nodes that get a UDP interface (default: all); the others have only what
+        # node_config gives them. Loopback: the UDP nodes are linked in a line in the
+        # order of ``names``. Namespaces: a veth gets a UDP interface only when both
+        # its ends are UDP nodes (the others stay unused, e.g. beside a radio).
         self.udp_nodes = udp_nodes
         self.nodes: dict[str, LabNode] = {}
         self.topo: Topology | None = None
@@ -135,7 +136,15 @@ class Lab:
         if self.netns:
             assert self.topo is not None
             # One interface per veth; neighbours are found by multicast discovery.
-            for j, addr in enumerate(self.topo.addresses(name)):
+            udp = self.udp_nodes
+            links = [
+                ln
+                for ln in self.topo.links
+                if name in (ln.left, ln.right)
+                and (udp is None or (ln.left in udp and ln.right in udp))
+            ]
+            for j, link in enumerate(links):
+                addr = (link.left_addr if link.left == name else link.right_addr).split("/")[0]
                 lines += [
                     "[[interface]]",
                     f'name = "udp{j}"',

@@ -33,7 +33,6 @@ import errno
 import json
 import os
 import selectors
-import signal
 import struct
 import sys
 import termios
@@ -47,6 +46,7 @@ from meshpipe.errors import FrameError
 from meshpipe.link import kiss
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
+from meshpipe_workers.stopflag import StopFlag
 
 REC_RADIO_IN = 0x72  # 'r': radio worker -> control worker
 REC_RADIO_SEND = 0x73  # 's': control worker -> radio worker
@@ -369,14 +369,7 @@ class RadioWorker:
             rate_bps=self.cfg.rate_bps,
             link_addr=f"{self.addr:04x}",
         )
-        stop = False
-
-        def _stop(_sig: int, _frm: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        stop = StopFlag()
         next_report = time.monotonic() + COUNTER_PERIOD
         while not stop:
             wait = self.pump()

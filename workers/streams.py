@@ -85,6 +85,9 @@ class StreamPipe:
         self.sent_shut = False  # the stream's EOF is queued for the socket
         self.shut_done = False  # ... and the socket's write side is shut
         self.closed = False
+        self.stream_gone = False  # the stream has closed (see close_code)
+        self.close_code: ResetCode | None = None
+        self.trailer_sent = False
         self.bytes_in = 0  # socket -> stream
         self.bytes_out = 0  # stream -> socket
         sock.setblocking(False)
@@ -139,17 +142,27 @@ class StreamPipe:
     # -- stream side ------------------------------------------------------------------
 
     def pull(self, now: float) -> None:
-        """Move stream bytes to the socket while it keeps up."""
+        """Move stream bytes to the socket while it keeps up; after the stream's
+        end, the EOF (a shutdown, or a trailer when framed) and the closing trailer."""
         st = self.stream
         while not self.closed and not self.out and st.readable_bytes:
             data = st.read(CHUNK)
             self.bytes_out += len(data)
             self.out += frame_chunk(data) if self.framed else data
             self._flush_out_once(now)
-        if not self.out and st.eof and not st.readable_bytes and not self.sent_shut:
-            self.sent_shut = True
-            if self.framed:  # the connection stays open for the final trailer
-                self.out += frame_trailer({"eof": True})
+        if not self.closed and not self.out and not st.readable_bytes:
+            if st.eof and not self.sent_shut:
+                self.sent_shut = True
+                if self.framed:  # the connection stays open for the closing trailer
+                    self.out += frame_trailer({"eof": True})
+                    self._flush_out_once(now)
+            if self.framed and self.stream_gone and not self.trailer_sent and not self.out:
+                self.trailer_sent = True
+                code = self.close_code
+                self.out += frame_trailer(
+                    {"closed": True} if code is None else {"reset": reset_reason(code)}
+                )
+            if self.out:
                 self._flush_out_once(now)
         if self.sent_shut and not self.out:
             self._shut_write()
@@ -175,37 +188,34 @@ class StreamPipe:
             pass
 
     def on_closed(self, code: ResetCode | None, now: float) -> None:
-        """The stream is gone: deliver what is left, then end the socket."""
-        self.pull(now)
-        if code is None and not self.framed:
-            self._maybe_finished(now)
+        """The stream is gone. Bytes it delivered still reach the socket (its read
+        queue outlives it), then the end: a trailer when framed; for TCP a clean
+        close, or at once a TCP reset when the stream was reset."""
+        self.stream_gone = True
+        self.close_code = code
+        if code is not None and not self.framed:
+            if self.sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                except OSError:
+                    pass
+            self._end()
             return
-        if self.framed:
-            end = {"closed": True} if code is None else {"reset": reset_reason(code)}
-            self.out += frame_trailer(end)
-            try:
-                self.sock.setblocking(True)
-                self.sock.settimeout(2.0)
-                self.sock.sendall(self.out)
-            except OSError:
-                pass
-        elif self.sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:  # a reset on the stream is a reset on the TCP connection
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        self._end()
+        self.pull(now)
 
     def _abort(self, now: float) -> None:
         self.stream.reset(now)
         self._end()
 
     def _maybe_finished(self, now: float) -> None:
-        if self.closed or self.framed:  # a framed pipe ends with its closing trailer
+        if self.closed or self.out:
+            return
+        if self.framed:  # a framed pipe ends once its closing trailer is through
+            if self.trailer_sent:
+                self._end()
             return
         st = self.stream
-        done_out = self.sent_shut and not self.out
-        if done_out and (st.closed or (self.sock_eof and st.fin_acked)):
+        if self.sent_shut and (st.closed or (self.sock_eof and st.fin_acked)):
             self._end()
 
     def _end(self) -> None:

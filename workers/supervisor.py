@@ -94,7 +94,32 @@ class Supervisor:
                         fds=[rx.spec.eventfd, tx.spec.eventfd],
                     )
                 )
-        control_rings = {"interfaces": iface_rings, "supervisor": self.to_control.spec.to_json()}
+        control_rings: dict[str, Any] = {
+            "interfaces": iface_rings,
+            "supervisor": self.to_control.spec.to_json(),
+        }
+        if self.cfg.tunnel.enabled:
+            # The TUN worker (workers/tun.py): packets up to the control worker and back.
+            up, down = self._ring(), self._ring()
+            tun_rings = {"up": up.spec.to_json(), "down": down.spec.to_json()}
+            control_rings["tunnel"] = tun_rings
+            self.workers.append(
+                WorkerSpec(
+                    role="tun",
+                    argv=[
+                        py,
+                        "-m",
+                        "meshpipe_workers.tun",
+                        "--config",
+                        self.config_path,
+                        "--sid",
+                        str(self.identity.sid),
+                        "--rings",
+                        json.dumps(tun_rings),
+                    ],
+                    fds=[up.spec.eventfd, down.spec.eventfd],
+                )
+            )
         fds = [r.spec.eventfd for r in self.rings]
         self.workers.insert(
             0,

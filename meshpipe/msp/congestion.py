@@ -13,6 +13,15 @@ taken as random loss and the window shrinks only to 4/5; a loss with a backlog o
 heavy random loss (a 30% radio hop) this keeps the window open where Reno would
 collapse it, while flows that really fill a queue still back off and share it:
 several Veno flows on one bottleneck converge to fair shares like Reno flows do.
+
+One addition: a ceiling on the standing queue (Vegas's idea). Veno only slows its
+growth when queues build; a node's own queues (rings, socket buffers) are deep, and
+a bulk stream would fill them to the receive window, adding a hundred milliseconds
+to every interactive stream on the same path; on a 19,200 bit/s radio the same
+window is many seconds of queue. The window stops growing (and slow start ends)
+while the estimated backlog is above ``max_backlog`` packets or the queueing delay
+(smoothed RTT minus the minimum) is above the larger of ``max_queue_delay`` and two
+minimum RTTs.
 """
 
 from __future__ import annotations
@@ -64,6 +73,8 @@ class Veno:
     mss: int
     initial_segments: int = 10
     beta: float = 3.0  # backlog (packets) above which a loss means congestion
+    max_backlog: float = 100.0  # no growth above this backlog (packets) ...
+    max_queue_delay: float = 0.05  # ... or above this queueing delay (or 2 base RTTs)
     cwnd: float = 0.0
     ssthresh: float = float("inf")
     _ca_toggle: bool = False
@@ -80,14 +91,24 @@ class Veno:
         base = rtt.min_rtt
         return (self.cwnd / self.mss) * max(0.0, rtt.srtt - base) / rtt.srtt
 
+    def queue_delay(self, rtt: RttEstimator) -> float:
+        """How much longer round trips take now than at best: time spent in queues."""
+        return max(0.0, rtt.srtt - rtt.min_rtt) if rtt.has_sample else 0.0
+
     def on_ack(self, acked: int, rtt: RttEstimator, app_limited: bool) -> None:
         """``acked`` bytes newly acknowledged."""
         if app_limited:  # a window we are not using says nothing about the path
             return
+        backlog = self.backlog(rtt)
+        if backlog >= self.max_backlog or self.queue_delay(rtt) > max(
+            2 * rtt.min_rtt, self.max_queue_delay
+        ):
+            self.ssthresh = min(self.ssthresh, self.cwnd)
+            return
         if self.cwnd < self.ssthresh:
             self.cwnd += acked
             return
-        if self.backlog(rtt) >= self.beta:
+        if backlog >= self.beta:
             # Veno: near the available bandwidth, grow every other window only.
             self._ca_toggle = not self._ca_toggle
             if not self._ca_toggle:

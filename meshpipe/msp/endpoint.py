@@ -281,7 +281,10 @@ class Msp:
             self._per_peer[stream.peer] -= 1
             if self._per_peer[stream.peer] <= 0:
                 del self._per_peer[stream.peer]
-        self._linger[key] = (now + self.params.linger, cum)
+        # Long enough for the peer to retransmit its last segment a few times on this
+        # path (seconds on a slow radio); until then we answer it, not reset it.
+        linger = min(max(self.params.linger, 4 * stream.rtt.rto()), 120.0)
+        self._linger[key] = (now + linger, cum)
         self._dirty.pop(stream, None)
         self._events.append(StreamClosed(stream, stream.reset_code))
 

@@ -22,6 +22,7 @@ buffer; no retransmission, no ordering.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
 import heapq
@@ -159,7 +160,10 @@ class Stream:
         self._lost: list[int] = []  # heap of offsets to retransmit
         self._inflight = 0
         self._peer_edge = 0  # the peer accepts offsets below this
-        self._rack_xmit = -math.inf  # send time of the newest segment known delivered
+        # (send time, offset) of the newest segment known delivered. The offset breaks
+        # ties: a burst leaves with one timestamp, and "sent after" must still hold
+        # only for the later segments of it (RFC 8985's end_seq tie-break).
+        self._rack_xmit: tuple[float, int] = (-math.inf, -1)
         self._rack_timer = math.inf
         self._recovery_start = -math.inf
         self._pto_count = 0
@@ -185,6 +189,8 @@ class Stream:
         self._ack_now = False
         self._ack_dup = False
         self._echo = 0
+        self._last_data_at: float | None = None
+        self._data_gap = 0.0  # smoothed time between data segments (for the ACK delay)
         self._adv_edge = 0
         self._peer_ts0: int | None = None  # deadline: first ts seen, to unwrap
         self._clock_offset = math.inf  # deadline: min(arrival - sender ts)
@@ -498,6 +504,11 @@ class Stream:
         return now + owd > origin + self.budget
 
     def _transmit(self, now: float) -> None:
+        mss = self._compute_mss()
+        if mss != self._mss:  # the route changed: new segments follow the path MTU
+            self._mss = mss
+            self.cc.set_mss(mss)
+            self.host.count("msp.mss_changed")
         cwnd = self.cc.cwnd
         while self._lost and (self._inflight + self._mss <= cwnd or self._inflight == 0):
             off = heapq.heappop(self._lost)
@@ -507,6 +518,8 @@ class Stream:
             if self._too_late(seg.origin, now):
                 self._abandon(seg)
                 continue
+            if seg.length > self._mss:
+                self._split(seg)
             self._send_seg(seg, now)
             self._last_retx = now
             self.host.count("msp.retransmit")
@@ -545,6 +558,21 @@ class Stream:
         if self._want_writable and self.write_space >= self.params.send_buffer // 4:
             self._want_writable = False
             self.host.stream_writable(self)
+
+    def _split(self, seg: _Seg) -> None:
+        """Cut a lost segment to the current MSS (the path MTU shrank: it was dropped on
+        the way); the rest becomes lost segments of their own, retransmitted next."""
+        end = seg.offset + seg.length
+        seg.length = self._mss
+        off = seg.offset + self._mss
+        while off < end:
+            rest = _Seg(off, min(self._mss, end - off), False, seg.origin)
+            rest.sent_at, rest.tx, rest.lost = seg.sent_at, seg.tx, True
+            self._segs[off] = rest
+            bisect.insort(self._order, off, lo=self._order_head)
+            heapq.heappush(self._lost, off)
+            off += rest.length
+        self.host.count("msp.resegmented")
 
     def _add_seg(self, seg: _Seg) -> None:
         self._segs[seg.offset] = seg
@@ -608,7 +636,7 @@ class Stream:
         progress = False
         echo_hit = False  # the ACK echoes a transmission it acknowledges: a clean RTT
         newly = 0
-        latest_sent = -math.inf
+        latest_sent: tuple[float, int] = (-math.inf, -1)
         if ack.cum >= self._snd_una:
             self._peer_edge = max(self._peer_edge, ack.cum + ack.window)
         if ack.cum > self._snd_una:
@@ -623,7 +651,7 @@ class Stream:
                 del self._segs[seg.offset]
                 if not seg.sacked:
                     newly += seg.units
-                    latest_sent = max(latest_sent, seg.sent_at)
+                    latest_sent = max(latest_sent, (seg.sent_at, seg.offset))
                     echo_hit = echo_hit or ts_ms(seg.sent_at) == ack.echo
                 self._leave_flight(seg)
                 seg.lost = False
@@ -647,7 +675,7 @@ class Stream:
                 seg.lost = False
                 self._leave_flight(seg)
                 newly += seg.units
-                latest_sent = max(latest_sent, seg.sent_at)
+                latest_sent = max(latest_sent, (seg.sent_at, seg.offset))
                 echo_hit = echo_hit or ts_ms(seg.sent_at) == ack.echo
                 progress = True
         if echo_hit:
@@ -679,7 +707,7 @@ class Stream:
             if seg is None or seg.tx != tx or seg.sacked or not seg.in_flight:
                 txq.popleft()
                 continue
-            if sent_at > self._rack_xmit:
+            if (sent_at, off) >= self._rack_xmit:
                 break
             if sent_at + thresh > now:
                 self._rack_timer = min(self._rack_timer, sent_at + thresh)
@@ -738,6 +766,9 @@ class Stream:
             self.host.count("msp.drop.bad_segment")
             return
         self._echo = seg.ts
+        if self._last_data_at is not None:
+            self._data_gap += (now - self._last_data_at - self._data_gap) / 8
+        self._last_data_at = now
         end = seg.offset + len(seg.payload) + (1 if seg.fin else 0)
         if seg.fin:
             if self._fin_at is not None and self._fin_at != seg.offset:
@@ -778,8 +809,22 @@ class Stream:
         elif not in_order or seg.fin or self._unacked >= self.params.ack_every:
             self._ack_now = True
         elif self._ack_due == math.inf:
-            self._ack_due = now + self.params.ack_delay
+            self._ack_due = now + self._ack_delay()
         self._touch()
+
+    def _ack_delay(self) -> float:
+        """How long an in-order segment may wait for the next before it is acked.
+
+        On a fast path, ``params.ack_delay``. On a slow link (a radio) segments arrive
+        further apart than that, so a fixed 10 ms would ACK every segment and spend a
+        third of the air on ACKs: wait two segment gaps instead (one ACK per
+        ``ack_every`` segments despite jitter), at most 250 ms and, once the RTT is
+        known, half the smallest RTT, so the delay never dominates the sender's RTT
+        samples (its loss timers and queue estimate read them)."""
+        cap = 0.25
+        if self.rtt.has_sample:
+            cap = min(cap, max(self.params.ack_delay, self.rtt.min_rtt / 2))
+        return min(cap, max(self.params.ack_delay, 2.0 * self._data_gap))
 
     def _deliver(self, offset: int, data: bytes) -> None:
         self._rq.append((offset, data))
