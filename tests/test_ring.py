@@ -377,7 +377,7 @@ def test_cross_process_100k_records_with_select() -> None:
         while expected < total:
             assert time.monotonic() < deadline, f"stalled at {expected}"
             if not sel.select(timeout=1.0):
-                assert child.poll() is None or ring.depth() > 0, "producer gone"
+                assert child.poll() is None or ring.depth() > 0, finish(child)
                 continue
             wakeups += ring.drain_wakeup()  # drain first, then empty the ring
             while batch := ring.get_batch():

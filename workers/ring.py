@@ -58,10 +58,12 @@ that was killed and restarted re-attaches to the same ring and continues:
 Memory ordering: there are no explicit barriers (pure Python has none). This
 relies on x86-64's TSO model, where stores become visible to other cores in
 program order and loads are not reordered with older loads, together with
-CPython writing/reading ``head`` and ``tail`` as single aligned 8-byte moves:
-``struct.pack_into("<Q", ...)`` on the segment's memoryview uses the native
-memcpy-based packer for standard little-endian integer formats, and the offsets
-are 8-aligned in a page-aligned mapping. So the consumer that sees a new ``tail``
+``head`` and ``tail`` being read and written as single aligned 8-byte moves:
+they are ``ctypes.c_uint64`` objects laid over the segment (8-aligned offsets in
+a page-aligned mapping), whose ``.value`` is one native load or store. Not
+``struct.pack_into``: it zero-fills its target before writing the bytes, so a
+reader in another process can see a transient 0 (measured: a few percent of
+reads of a counter another process keeps storing to). So the consumer that sees a new ``tail``
 also sees the record bytes written before it, and the producer that sees a new
 ``head`` sees the consumer finished reading the space before it. Weakly ordered
 CPUs (ARM, MIPS) give no such guarantee; they would need real barriers (a small C
@@ -78,6 +80,7 @@ for that worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -122,7 +125,7 @@ def _view(shm: SharedMemory) -> memoryview:
 
 
 def _load(buf: memoryview, offset: int) -> int:
-    """One aligned 8-byte load (see "Memory ordering" above)."""
+    """Read a header field that nobody else writes concurrently (capacity, magic)."""
     value: int = _U64.unpack_from(buf, offset)[0]
     return value
 
@@ -207,6 +210,9 @@ class Ring:
     def __init__(self, shm: SharedMemory, spec: RingSpec, efd: int, *, owner: bool) -> None:
         self._shm = shm
         self._buf = _view(shm)
+        # Shared with the other process: single native 8-byte loads and stores.
+        self._head = ctypes.c_uint64.from_buffer(self._buf, _OFF_HEAD)
+        self._tail = ctypes.c_uint64.from_buffer(self._buf, _OFF_TAIL)
         self._efd = efd
         self._closed = False
         self._unlinked = False
@@ -284,6 +290,7 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        del self._head, self._tail  # ctypes views pin the mapping; drop them first
         self._shm.close()  # releases self._buf too (it is the segment's own view)
         os.close(self._efd)
 
@@ -327,6 +334,8 @@ class Ring:
 
         Raises ``ValueError`` (writing nothing) if a record exceeds ``max_record``.
         """
+        if self._closed:
+            raise ValueError(f"ring {self.spec.name} is closed")
         total = len(records)
         if total == 0:
             return 0
@@ -335,8 +344,8 @@ class Ring:
         buf = self._buf
         cap = self.capacity
         pack_u32 = _U32.pack_into
-        head = _load(buf, _OFF_HEAD)
-        tail = _load(buf, _OFF_TAIL)
+        head = self._head.value
+        tail = self._tail.value
         free = cap - (tail - head)
         if free < 0 or free > cap:
             raise RingCorruptError(f"ring {self.spec.name}: head {head} tail {tail}")
@@ -364,7 +373,7 @@ class Ring:
             written += 1
             nbytes += length
         if written:
-            _U64.pack_into(buf, _OFF_TAIL, tail)  # publish the batch
+            self._tail.value = tail  # publish the batch
             self._wake()
             self.records_put += written
             self.bytes_put += nbytes
@@ -385,12 +394,14 @@ class Ring:
     def get_batch(self, max_records: int = 256) -> list[bytes]:
         """Take up to ``max_records`` published records (possibly none), in order,
         and release their space with one head update. Never blocks."""
+        if self._closed:
+            raise ValueError(f"ring {self.spec.name} is closed")
         buf = self._buf
         cap = self.capacity
         limit = self.max_record
         unpack_u32 = _U32.unpack_from
-        head = _load(buf, _OFF_HEAD)
-        tail = _load(buf, _OFF_TAIL)
+        head = self._head.value
+        tail = self._tail.value
         if head > tail or tail - head > cap:
             raise RingCorruptError(f"ring {self.spec.name}: head {head} tail {tail}")
         out: list[bytes] = []
@@ -412,7 +423,7 @@ class Ring:
             head += need
             nbytes += length
         if head != start_head:
-            _U64.pack_into(buf, _OFF_HEAD, head)  # release the space
+            self._head.value = head  # release the space
             self.records_got += len(out)
             self.bytes_got += nbytes
         return out
@@ -437,9 +448,10 @@ class Ring:
 
     def depth(self) -> int:
         """Bytes in use (published but not yet taken, incl. prefixes, padding, skips)."""
-        buf = self._buf
-        head = _load(buf, _OFF_HEAD)
-        tail = _load(buf, _OFF_TAIL)
+        if self._closed:
+            raise ValueError(f"ring {self.spec.name} is closed")
+        head = self._head.value
+        tail = self._tail.value
         return tail - head
 
     def counters(self) -> dict[str, int]:
