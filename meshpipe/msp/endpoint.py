@@ -43,7 +43,11 @@ class MspParams:
     handshake_timeout: float = 20.0
     keepalive_interval: float = 10.0
     idle_timeout: float = 60.0
-    linger: float = 10.0  # a closed stream still answers retransmitted FINs this long
+    # A closed stream still answers its peer's retransmitted last segments this long:
+    # longer than the peer's backed-off retransmission timer (up to 60 s) on a slow
+    # radio, else the peer's FIN meets an unknown stream and is reset.
+    linger: float = 120.0
+    max_linger: int = 8192  # closed streams remembered at once (the oldest go first)
     max_streams: int = 4096
     max_streams_per_peer: int = 512
     default_budget: float = 0.2  # deadline mode latency budget, seconds
@@ -233,10 +237,9 @@ class Msp:
         for st in list(self._streams.values()):
             if st.next_deadline() <= now:
                 st.on_timer(now)
-        if self._linger:
-            for key, (until, _) in list(self._linger.items()):
-                if until <= now:
-                    del self._linger[key]
+        # Linger entries are kept in expiry order (one fixed linger time), oldest first.
+        while self._linger and next(iter(self._linger.values()))[0] <= now:
+            del self._linger[next(iter(self._linger))]
         return self._take(now)
 
     def next_deadline(self) -> float:
@@ -244,7 +247,7 @@ class Msp:
             return -math.inf
         t = min((s.next_deadline() for s in self._streams.values()), default=math.inf)
         if self._linger:
-            t = min(t, min(u for u, _ in self._linger.values()))
+            t = min(t, next(iter(self._linger.values()))[0])
         return t
 
     # -- called by streams ----------------------------------------------------------------------
@@ -281,10 +284,10 @@ class Msp:
             self._per_peer[stream.peer] -= 1
             if self._per_peer[stream.peer] <= 0:
                 del self._per_peer[stream.peer]
-        # Long enough for the peer to retransmit its last segment a few times on this
-        # path (seconds on a slow radio); until then we answer it, not reset it.
-        linger = min(max(self.params.linger, 4 * stream.rtt.rto()), 120.0)
-        self._linger[key] = (now + linger, cum)
+        self._linger.pop(key, None)  # re-inserted at the end: the dict stays in expiry order
+        self._linger[key] = (now + self.params.linger, cum)
+        while len(self._linger) > self.params.max_linger:
+            del self._linger[next(iter(self._linger))]
         self._dirty.pop(stream, None)
         self._events.append(StreamClosed(stream, stream.reset_code))
 
