@@ -308,11 +308,7 @@ class ControlWorker:
     # -- data from the interface workers ------------------------------------------
 
     def _on_rx(self, ring: Ring) -> None:
-        ring.drain_wakeup()
-        while True:
-            batch = ring.get_batch()
-            if not batch:
-                return
+        for batch in ring.drain():
             now = time.monotonic()
             for rec in batch:
                 self._handle_record(rec, now)

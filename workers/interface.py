@@ -166,11 +166,7 @@ class InterfaceWorker:
             self.counters["tx.error"] += 1
 
     def on_tx_ring(self) -> None:
-        self.tx.drain_wakeup()
-        while True:
-            batch = self.tx.get_batch()
-            if not batch:
-                return
+        for batch in self.tx.drain():
             for rec in batch:
                 self._handle_tx(rec)
 

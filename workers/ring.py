@@ -86,7 +86,7 @@ import os
 import secrets
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -427,6 +427,13 @@ class Ring:
             self.records_got += len(out)
             self.bytes_got += nbytes
         return out
+
+    def drain(self) -> Iterator[list[bytes]]:
+        """On a wake-up: reset the eventfd first (a batch published meanwhile wakes us
+        again), then yield batches until the ring is empty."""
+        self.drain_wakeup()
+        while batch := self.get_batch():
+            yield batch
 
     def consumer_fd(self) -> int:
         """The eventfd to wait on (readable when a batch was published since the last

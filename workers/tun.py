@@ -139,11 +139,7 @@ class TunWorker:
             self.counters["tun.drop.up_queue_full"] += len(batch) - sent
 
     def on_down(self) -> None:
-        self.down.drain_wakeup()
-        while True:
-            batch = self.down.get_batch()
-            if not batch:
-                return
+        for batch in self.down.drain():
             for rec in batch:
                 if not rec or rec[0] != REC_TUN_PACKET:
                     self.counters["tun.drop.bad_record"] += 1
@@ -245,11 +241,7 @@ class TunnelBridge:
     # -- TUN -> mesh -----------------------------------------------------------------
 
     def on_up(self) -> None:
-        self.up.drain_wakeup()
-        while True:
-            batch = self.up.get_batch()
-            if not batch:
-                return
+        for batch in self.up.drain():
             now = self.clock()
             back: list[bytes] = []
             for rec in batch:
