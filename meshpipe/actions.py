@@ -55,4 +55,42 @@ class ForwardingChanged:
     entries: dict[bytes, tuple[int, LinkAddr] | None]
 
 
-Action = SendFrame | Deliver | Event | ForwardingChanged
+# -- between the control worker and the crypto shards (meshpipe/dataplane.py) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """Encrypt ``plaintext`` in the session with ``dst`` and send it: for the crypto
+    shard that owns ``dst``'s session."""
+
+    dst: bytes
+    plaintext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """A session packet from ``src`` that arrived through the control worker (a radio
+    link): for the crypto shard that owns ``src``'s session."""
+
+    src: bytes
+    packet: bytes
+    hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A decrypted session plaintext from ``src`` for the control worker's protocols."""
+
+    src: bytes
+    plaintext: bytes
+    hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class TunWrite:
+    """An IP packet from the mesh, source address checked, for the TUN device."""
+
+    packet: bytes
+
+
+Action = SendFrame | Deliver | Event | ForwardingChanged | Seal | Open | Opened | TunWrite

@@ -43,13 +43,13 @@ from meshpipe.actions import (
     BROADCAST,
     MULTICAST,
     Action,
-    Deliver,
     Event,
     ForwardingChanged,
     LinkAddr,
     SendFrame,
 )
 from meshpipe.errors import FrameError
+from meshpipe.forwarding import Forwarder
 from meshpipe.identity import Identity, Sid
 from meshpipe.link.neighbours import (
     INFINITY,
@@ -223,7 +223,8 @@ class NodeCore:
         self._next_hello = [
             now + self.rng.random() * timing.jitter * t.hello_interval for t in self.iface_timing
         ]
-        self._fwd: dict[bytes, tuple[int, LinkAddr]] = {}
+        self.fwd = Forwarder(self.sid, [p.mtu for p in self.interfaces], self.counters)
+        self._fwd = self.fwd.table  # the same dict: routing writes it, Forwarder reads it
         self._dirty: dict[bytes, None] = {}  # ordered set, for deterministic replays
         self.fwd_generation = 0  # bumped whenever the forwarding table changes
         self._frame_seq = self.rng.randrange(SEQNO_MOD)  # routing frame counter
@@ -281,18 +282,7 @@ class NodeCore:
         self, dst: bytes, payload: bytes, now: float, hop_limit: int = wire.DEFAULT_HOP_LIMIT
     ) -> list[Action]:
         """Route a DATA frame from this node to ``dst``; [] (and data.no_route) if no route."""
-        if bytes(dst) == self.sid:
-            return [Deliver(self.sid, payload, 0)]
-        hop = self._fwd.get(bytes(dst))
-        if hop is None:
-            self.counters["data.no_route"] += 1
-            return []
-        frame = wire.encode_data(bytes(dst), self.sid, payload, hop_limit)
-        if len(frame) > self.interfaces[hop[0]].mtu:
-            self.counters["drop.too_big"] += 1
-            return []
-        self.counters["data.sent"] += 1
-        return [SendFrame(hop[0], hop[1], frame)]
+        return self.fwd.send_data(dst, payload, hop_limit)
 
     def neighbours(self) -> list[NeighbourInfo]:
         return [
@@ -381,28 +371,7 @@ class NodeCore:
         self.router.on_routing(nb.key, parsed, now)
 
     def _on_data(self, frame: bytes, out: list[Action]) -> None:
-        hop_limit, dst, src = wire.decode_data_header(frame)
-        if hop_limit == 0:
-            self.counters["drop.hop_limit"] += 1
-            return
-        if dst == self.sid:
-            self.counters["data.delivered"] += 1
-            out.append(
-                Deliver(src, wire.data_payload(frame), wire.DEFAULT_HOP_LIMIT - hop_limit + 1)
-            )
-            return
-        if hop_limit <= 1:
-            self.counters["drop.hop_limit"] += 1  # it would leave with hop limit 0
-            return
-        hop = self._fwd.get(dst)
-        if hop is None:
-            self.counters["data.no_route"] += 1
-            return
-        if len(frame) > self.interfaces[hop[0]].mtu:
-            self.counters["drop.too_big"] += 1
-            return
-        self.counters["data.forwarded"] += 1
-        out.append(SendFrame(hop[0], hop[1], wire.with_hop_limit(frame, hop_limit - 1)))
+        out.extend(self.fwd.on_data(frame))
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -37,7 +37,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshpipe import wire
-from meshpipe.actions import Action, Deliver, Event, ForwardingChanged, LinkAddr, SendFrame
+from meshpipe.actions import (
+    Action,
+    Deliver,
+    Event,
+    ForwardingChanged,
+    LinkAddr,
+    Open,
+    Seal,
+    SendFrame,
+)
 from meshpipe.identity import Identity, Sid
 from meshpipe.mdp import (
     ECHO_PORT,
@@ -108,10 +117,15 @@ class NodeStack:
         echo: bool = True,
         discovery_timing: DiscoveryTiming | None = None,
         msp_params: MspParams | None = None,
+        sharded: bool = False,
     ) -> None:
         self.identity = identity
         self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
         session_rng = random.Random(self.core.rng.getrandbits(64))
+        # Sharded: the sessions live in crypto shards (meshpipe/dataplane.py); this
+        # stack emits Seal/Open actions for them and takes their plaintexts back
+        # through on_opened().
+        self.sharded = sharded
         self.session = SessionManager(
             identity,
             now,
@@ -121,7 +135,9 @@ class NodeStack:
             random_bytes=random_bytes if random_bytes is not None else os.urandom,
         )
         self.mdp = Mdp(echo=echo)
-        self.msp = Msp(identity.sid, self.path_mtu, msp_params)
+        # A sharded stack runs in a worker that may be restarted: random stream numbers.
+        msp_rng = random.Random(session_rng.getrandbits(64)) if sharded else None
+        self.msp = Msp(identity.sid, self.path_mtu, msp_params, rng=msp_rng)
         self._protocols: dict[int, SessionProtocol] = {PROTO_MSP: self.msp}
         self.inbox_limit = inbox_limit
         self._inbox: dict[int, collections.deque[MdpDatagram]] = {}
@@ -170,6 +186,13 @@ class NodeStack:
             if now >= proto.next_deadline():
                 for dst, plaintext in proto.on_timer(now):
                     self._send_plain(bytes(dst), bytes(plaintext), now, out)
+        return out
+
+    def on_opened(self, src: bytes, plaintext: bytes, hops: int, now: float) -> list[Action]:
+        """A plaintext a crypto shard decrypted (sharded stacks only)."""
+        self._now = now
+        out: list[Action] = []
+        self._on_plaintext(bytes(src), bytes(plaintext), hops, now, out)
         return out
 
     def next_deadline(self) -> float:
@@ -351,7 +374,9 @@ class NodeStack:
     def _process(self, actions: Sequence[Action], now: float) -> list[Action]:
         out: list[Action] = []
         for a in actions:
-            if isinstance(a, Deliver):
+            if isinstance(a, Deliver) and self.sharded:
+                out.append(Open(a.src, a.payload, a.hops))
+            elif isinstance(a, Deliver):
                 try:
                     outs = self.session.on_packet(a.src, a.payload, now)
                     self._session_outs(outs, a.hops, now, out)
@@ -379,6 +404,9 @@ class NodeStack:
     def _send_plain(self, dst: bytes, plaintext: bytes, now: float, out: list[Action]) -> None:
         if dst == self.sid:  # loopback: no session with ourselves
             self._on_plaintext(self.sid, plaintext, 0, now, out)
+            return
+        if self.sharded:
+            out.append(Seal(dst, plaintext))
             return
         self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)
 

@@ -6,11 +6,13 @@ import random
 from collections.abc import Callable
 
 from meshpipe.actions import BROADCAST
+from meshpipe.dataplane import ShardedNode
 from meshpipe.identity import Identity, Sid
 from meshpipe.msp import Msp, MspParams, Stream
 from meshpipe.node import InterfaceParams
 from meshpipe.sim import LinkProfile, SimMesh
 from meshpipe.stack import NodeStack
+from meshpipe.tunnel import IPNetwork
 
 EPOCH = 1_700_000_000 * 10**9
 
@@ -30,7 +32,11 @@ class Line:
         profile: LinkProfile | None = None,
         msp_params: MspParams | None = None,
         mtu: int = 1400,
+        shards: int = 0,
+        tunnel_routes: list[tuple[IPNetwork, bytes]] | None = None,
     ) -> None:
+        """``shards`` > 0: ShardedNodes (sessions in that many crypto shards, as the
+        worker processes run them) instead of plain NodeStacks."""
         self.sim = SimMesh(seed=seed)
         self.rng = random.Random(seed)
         self.names = [chr(ord("A") + i) for i in range(n)]
@@ -38,17 +44,29 @@ class Line:
             m: Identity.from_seed(f"{seed}-{m}".encode().ljust(32, b".")) for m in self.names
         }
         for m in self.names:
-            self.sim.add_node(
-                m,
-                NodeStack(
+            ifaces = [InterfaceParams("sim", mtu=mtu, flood_dest=BROADCAST)]
+            node: NodeStack | ShardedNode
+            if shards:
+                node = ShardedNode(
                     self.ids[m],
-                    [InterfaceParams("sim", mtu=mtu, flood_dest=BROADCAST)],
+                    ifaces,
+                    rng=random.Random(f"{seed}-{m}"),
+                    shards=shards,
+                    epoch_ns=EPOCH,
+                    random_bytes=self.rng.randbytes,
+                    msp_params=msp_params,
+                    tunnel_routes=tunnel_routes,
+                )
+            else:
+                node = NodeStack(
+                    self.ids[m],
+                    ifaces,
                     rng=random.Random(f"{seed}-{m}"),
                     epoch_ns=EPOCH,
                     random_bytes=self.rng.randbytes,
                     msp_params=msp_params,
-                ),
-            )
+                )
+            self.sim.add_node(m, node)
         for a, b in zip(self.names, self.names[1:], strict=False):
             self.sim.connect(a, b, LinkProfile(mtu=mtu))
         self.run_until(
@@ -59,7 +77,11 @@ class Line:
                 self.sim.set_profile(a, b, profile)
 
     def stack(self, name: str) -> NodeStack:
-        return self.sim.node_as(name, NodeStack)
+        node = self.sim.node(name)
+        return node.stack if isinstance(node, ShardedNode) else self.sim.node_as(name, NodeStack)
+
+    def sharded(self, name: str) -> ShardedNode:
+        return self.sim.node_as(name, ShardedNode)
 
     def msp(self, name: str) -> Msp:
         return self.stack(name).msp
@@ -70,8 +92,9 @@ class Line:
     def open(self, src: str, dst: str, port: int, **kw: object) -> Stream:
         box: list[Stream] = []
 
-        def do(node: NodeStack, now: float) -> list[object]:
-            box.append(node.msp.open(self.sid(dst), port, now, **kw))  # type: ignore[arg-type]
+        def do(node: NodeStack | ShardedNode, now: float) -> list[object]:
+            msp = self.stack(src).msp
+            box.append(msp.open(self.sid(dst), port, now, **kw))  # type: ignore[arg-type]
             return list(node.on_timer(now))
 
         self.sim.call(src, do)  # type: ignore[arg-type]
@@ -80,8 +103,8 @@ class Line:
     def act(self, name: str, fn: Callable[[NodeStack, float], object]) -> None:
         """Run ``fn`` on a node now and send what it caused."""
 
-        def do(node: NodeStack, now: float) -> list[object]:
-            fn(node, now)
+        def do(node: NodeStack | ShardedNode, now: float) -> list[object]:
+            fn(self.stack(name), now)
             return list(node.on_timer(now)) if node.next_deadline() <= now else []
 
         self.sim.call(name, do)  # type: ignore[arg-type]

@@ -22,9 +22,10 @@ from meshpipe.msp.endpoint import (
     StreamWritable,
 )
 from meshpipe.msp.stream import MessageTooLarge, State, Stream, StreamError, StreamId
-from meshpipe.msp.wire import PROTO_MSP, Mode, ResetCode
+from meshpipe.msp.wire import DATAPLANE_SPACE, PROTO_MSP, Mode, ResetCode, in_dataplane
 
 __all__ = [
+    "DATAPLANE_SPACE",
     "PROTO_MSP",
     "Gap",
     "MessageTooLarge",
@@ -47,4 +48,5 @@ __all__ = [
     "StreamReadable",
     "StreamRefused",
     "StreamWritable",
+    "in_dataplane",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from meshpipe.msp import wire
 from meshpipe.msp.buffers import Gap
 from meshpipe.msp.stream import Stream, StreamError
-from meshpipe.msp.wire import Mode, ResetCode
+from meshpipe.msp.wire import DATAPLANE_SPACE, Mode, ResetCode
 from meshpipe.session import max_plaintext
 
 
@@ -133,8 +134,20 @@ class Msp:
         local_sid: bytes,
         path_mtu: Callable[[bytes], int],
         params: MspParams | None = None,
+        *,
+        number_space: int = 0,
+        rng: random.Random | None = None,
     ) -> None:
+        if number_space not in (0, DATAPLANE_SPACE):
+            raise ValueError("number_space is 0 or DATAPLANE_SPACE")
         self.sid = bytes(local_sid)
+        # Bit 30 of the numbers this endpoint allocates: lets a receiver hand the
+        # segments of the data plane's streams (the tunnel's) to their own endpoint.
+        self.number_space = number_space
+        # Where each peer's stream numbers start: random when an rng is given, so a
+        # restarted process does not reuse the numbers of streams its peers still
+        # hold open (their SYNs would be taken for duplicates).
+        self._rng = rng
         self.params = params or MspParams()
         self._path_mtu = path_mtu
         self._streams: dict[tuple[bytes, int], Stream] = {}
@@ -304,10 +317,12 @@ class Msp:
 
     def _allocate(self, peer: bytes) -> int:
         top = 0x80000000 if self.sid > peer else 0
-        n = self._next_number.get(peer, 0)
+        n = self._next_number.get(peer, -1)
+        if n < 0:
+            n = self._rng.randrange(1 << 30) if self._rng is not None else 0
         for _ in range(1 << 16):
-            n = (n + 1) & 0x7FFFFFFF
-            number = top | n
+            n = (n + 1) & 0x3FFFFFFF
+            number = top | self.number_space | n
             key = (peer, number)
             if key not in self._streams and key not in self._linger:
                 self._next_number[peer] = n
@@ -361,7 +376,9 @@ class Msp:
                 self.emit(src, wire.encode_ack(ack))
             return
         self.counters["msp.drop.unknown_stream"] += 1
-        if not isinstance(seg, (wire.Rst, wire.Dgram)):
+        # Datagrams too: a peer that lost its state (a restarted crypto worker) would
+        # otherwise never learn that its datagram stream goes nowhere.
+        if not isinstance(seg, wire.Rst):
             self.emit(src, wire.encode_rst(seg.stream, ResetCode.PROTOCOL))
 
 

@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from meshpipe.errors import MeshpipeError
 
 PROTO_MSP = 2
+# Bit 30 of a stream number: the stream belongs to the data plane's endpoint (the
+# tunnel's streams, run by a crypto shard), not the control worker's. The opener
+# sets it; a receiver routes on it without decoding the segment (in_dataplane).
+DATAPLANE_SPACE = 0x40000000
 
 T_SYN = 1
 T_SYNACK = 2
@@ -272,3 +276,8 @@ def decode(plaintext: bytes) -> Segment:
 def _exact(plaintext: bytes, st: struct.Struct) -> None:
     if len(plaintext) != st.size:
         raise SegmentError(f"segment of {len(plaintext)} bytes, expected {st.size}")
+
+
+def in_dataplane(plaintext: bytes) -> bool:
+    """Is this session plaintext an MSP segment of a data-plane stream (bit 30)?"""
+    return len(plaintext) >= COMMON.size and plaintext[0] == PROTO_MSP and plaintext[2] & 0x40 != 0

@@ -1,0 +1,412 @@
+"""The data plane's sans-IO core: crypto shards, and the table they are given.
+
+A node's sessions are split across N crypto shards (one per crypto worker process)
+by a hash of the peer's SID (:func:`shard_of`), so every session's keys, nonce
+counter and replay window have exactly one owner and need no locks. A shard owns,
+for its peers:
+
+- the whole :class:`~meshpipe.session.SessionManager` (handshakes, rekeys, transport
+  encryption and decryption, the replay windows);
+- the tunnel's datagram-mode MSP streams (an :class:`~meshpipe.msp.Msp` whose stream
+  numbers have bit 30 set, ``DATAPLANE_SPACE``), and the cryptokey source check of
+  every packet that arrives on them;
+- a copy of the forwarding table with each destination's path MTU, pushed by the
+  control worker, to build, receive and forward DATA frames itself.
+
+The control worker keeps routing, neighbours, discovery and every other MSP stream
+and MDP port in a *sharded* :class:`~meshpipe.stack.NodeStack`: it emits ``Seal``
+(encrypt and send) and ``Open`` (a packet that came through it, from a radio) for
+the owning shard, and takes ``Opened`` plaintexts back. Inputs of a shard:
+
+- :meth:`CryptoShard.seal`, :meth:`CryptoShard.open`: from the control worker;
+- :meth:`CryptoShard.on_frame`: a DATA frame straight from an interface worker, for
+  this node (opened here) or in transit (forwarded, never opened);
+- :meth:`CryptoShard.tun_packet`: an IP packet the TUN worker mapped to a SID.
+
+Outputs: ``SendFrame``, ``Opened``, ``TunWrite`` and ``Event`` actions.
+
+:class:`ShardedNode` wires one sharded stack and N shards in one process exactly as
+the worker processes are wired, for the simulator.
+
+Counters (``CryptoShard.counters``): the sessions' ``session.*``, the tunnel
+endpoint's ``msp.*``, the forwarding ones (meshpipe/forwarding.py), the tunnel's
+``tunnel.rx.*`` and ``tunnel.drop.forged_source``/``malformed``, and
+``tunnel.drop.stream_error``, ``tunnel.drop.disabled``, ``drop.malformed``,
+``shard.drop.internal_error``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from meshpipe import wire
+from meshpipe.actions import (
+    Action,
+    Deliver,
+    Event,
+    ForwardingChanged,
+    LinkAddr,
+    Open,
+    Opened,
+    Seal,
+    TunWrite,
+)
+from meshpipe.errors import FrameError
+from meshpipe.forwarding import Forwarder
+from meshpipe.identity import Identity
+from meshpipe.msp import (
+    DATAPLANE_SPACE,
+    Mode,
+    Msp,
+    MspParams,
+    Stream,
+    StreamAccepted,
+    StreamClosed,
+    StreamError,
+    StreamReadable,
+    in_dataplane,
+)
+from meshpipe.node import InterfaceParams, Timing
+from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
+from meshpipe.stack import NodeStack
+from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, Tunnel
+
+# What the control worker pushes per destination: interface, next hop, path MTU.
+ShardEntry = tuple[int, LinkAddr, int]
+
+_DATA_BYTE = wire.kind_byte(wire.KIND_DATA)[0]
+
+
+def shard_of(sid: bytes, count: int) -> int:
+    """The shard that owns the session with ``sid`` (SIDs are uniform: no mixing needed)."""
+    return int.from_bytes(bytes(sid[:8]), "big") % count if count > 1 else 0
+
+
+class CryptoShard:
+    """Sessions, tunnel streams and DATA frames for the peers of one shard."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        iface_mtus: Sequence[int],
+        now: float,
+        *,
+        rng: random.Random | None = None,
+        epoch_ns: int = 0,
+        session_params: SessionParams | None = None,
+        random_bytes: Callable[[int], bytes] | None = None,
+        tunnel_routes: Sequence[tuple[IPNetwork, bytes]] | None = None,
+        msp_params: MspParams | None = None,
+    ) -> None:
+        self.sid = bytes(identity.sid)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.fwd = Forwarder(self.sid, iface_mtus, self.counters)
+        self.path_mtus: dict[bytes, int] = {}
+        rng = rng if rng is not None else random.Random()
+        msp_rng = random.Random(rng.getrandbits(64))
+        self.session = SessionManager(
+            identity,
+            now,
+            rng,
+            epoch_ns,
+            session_params,
+            random_bytes=random_bytes if random_bytes is not None else os.urandom,
+        )
+        self.tunnel: Tunnel | None = None
+        self.msp: Msp | None = None
+        self.tunnel_streams: dict[bytes, Stream] = {}  # peer SID -> the stream we send on
+        if tunnel_routes is not None:
+            self.tunnel = Tunnel(self.sid, tunnel_routes)  # here only for the source check
+            self.msp = Msp(
+                self.sid, self.path_mtu, msp_params, number_space=DATAPLANE_SPACE, rng=msp_rng
+            )
+            self.msp.listen(TUNNEL_PORT, modes=frozenset({Mode.DATAGRAM}))
+
+    # -- the table ---------------------------------------------------------------------
+
+    def set_forwarding(self, entries: Mapping[bytes, ShardEntry | None], full: bool) -> None:
+        if full:
+            self.path_mtus.clear()
+        hops: dict[bytes, tuple[int, LinkAddr] | None] = {}
+        for dst, e in entries.items():
+            dst = bytes(dst)
+            if e is None:
+                hops[dst] = None
+                self.path_mtus.pop(dst, None)
+            else:
+                hops[dst] = (e[0], e[1])
+                self.path_mtus[dst] = e[2]
+        self.fwd.update(hops, full)
+
+    def path_mtu(self, dst: bytes) -> int:
+        """As NodeStack.path_mtu, from the pushed table."""
+        mtus = self.fwd.iface_mtus
+        hop = self.fwd.table.get(bytes(dst))
+        if hop is None:
+            return min(mtus)
+        route = self.path_mtus.get(bytes(dst))
+        return mtus[hop[0]] if route is None else min(mtus[hop[0]], route)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def seal(self, dst: bytes, plaintext: bytes, now: float) -> list[Action]:
+        out: list[Action] = []
+        try:
+            self._seal_into(bytes(dst), plaintext, now, out)
+        except Exception as exc:  # a bug costs one packet, never the data plane
+            self._internal_error(exc, out)
+        return self._finish(out)
+
+    def open(self, src: bytes, packet: bytes, hops: int, now: float) -> list[Action]:
+        out: list[Action] = []
+        self._open_into(bytes(src), packet, hops, now, out)
+        return self._finish(out)
+
+    def on_frame(self, frame: bytes, now: float) -> list[Action]:
+        """A DATA frame from an interface worker: ours (opened) or in transit (forwarded)."""
+        try:
+            actions = self.fwd.on_data(frame)
+        except FrameError:
+            self.counters["drop.malformed"] += 1
+            return []
+        out: list[Action] = []
+        for a in actions:
+            if isinstance(a, Deliver):
+                self._open_into(a.src, a.payload, a.hops, now, out)
+            else:
+                out.append(a)
+        return self._finish(out)
+
+    def tun_packet(self, dst: bytes, packet: bytes, now: float) -> None:
+        """Queue an IP packet for ``dst``; it leaves at the next on_timer (one batch)."""
+        if self.msp is None:
+            self.counters["tunnel.drop.disabled"] += 1
+            return
+        try:
+            self._tunnel_stream(bytes(dst), now).send_datagram(packet, now)
+        except StreamError:  # too many streams, a closed one, too large: drop this packet
+            self.counters["tunnel.drop.stream_error"] += 1
+
+    def on_timer(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        if now >= self.session.next_deadline():
+            self._session_outs(self.session.on_timer(now), 0, now, out)
+        if self.msp is not None and now >= self.msp.next_deadline():
+            for dst, pt in self.msp.on_timer(now):
+                self._seal_into(bytes(dst), bytes(pt), now, out)
+        return self._finish(out)
+
+    def next_deadline(self) -> float:
+        t = self.session.next_deadline()
+        return t if self.msp is None else min(t, self.msp.next_deadline())
+
+    # -- status ------------------------------------------------------------------------
+
+    def sessions(self, now: float) -> list[dict[str, Any]]:
+        return self.session.sessions(now)
+
+    def all_counters(self) -> collections.Counter[str]:
+        c = collections.Counter(self.counters)
+        c.update(self.session.counters)
+        if self.msp is not None and self.tunnel is not None:
+            c.update(self.msp.counters)
+            c.update(self.tunnel.counters)
+        return c
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _open_into(
+        self, src: bytes, packet: bytes, hops: int, now: float, out: list[Action]
+    ) -> None:
+        try:
+            self._session_outs(self.session.on_packet(src, packet, now), hops, now, out)
+        except Exception as exc:  # a bug costs one packet, never the data plane
+            self._internal_error(exc, out)
+
+    def _internal_error(self, exc: Exception, out: list[Action]) -> None:
+        self.counters["shard.drop.internal_error"] += 1
+        out.append(Event("shard.error", {"error": repr(exc)}))
+
+    def _session_outs(
+        self, outs: Sequence[SessionOut], hops: int, now: float, out: list[Action]
+    ) -> None:
+        for o in outs:
+            if isinstance(o, Transmit):
+                out.extend(self.fwd.send_data(o.dst, o.payload))
+            elif isinstance(o, Plaintext):
+                if self.msp is not None and in_dataplane(o.payload):
+                    for dst, pt in self.msp.on_plaintext(o.src, o.payload, hops, now):
+                        self._seal_into(bytes(dst), bytes(pt), now, out)
+                else:
+                    out.append(Opened(o.src, o.payload, hops))
+            else:
+                out.append(o)
+
+    def _seal_into(self, dst: bytes, plaintext: bytes, now: float, out: list[Action]) -> None:
+        self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)
+
+    def _tunnel_stream(self, sid: bytes, now: float) -> Stream:
+        assert self.msp is not None
+        st = self.tunnel_streams.get(sid)
+        if st is None or st.closed:
+            st = self.msp.open(sid, TUNNEL_PORT, now, mode=Mode.DATAGRAM)
+            self.tunnel_streams[sid] = st
+        return st
+
+    def _finish(self, out: list[Action]) -> list[Action]:
+        """Turn the tunnel endpoint's events into TUN writes and stream bookkeeping."""
+        if self.msp is None or self.tunnel is None:
+            return out
+        for ev in self.msp.events():
+            if isinstance(ev, StreamReadable):
+                while (packet := ev.stream.recv_datagram()) is not None:
+                    ok = self.tunnel.inbound(ev.stream.peer, packet)
+                    if ok is not None:
+                        out.append(TunWrite(ok))
+            elif isinstance(ev, StreamAccepted):
+                mine = self.tunnel_streams.get(ev.stream.peer)
+                if mine is None or mine.closed:
+                    self.tunnel_streams[ev.stream.peer] = ev.stream  # answer on the peer's
+            elif (
+                isinstance(ev, StreamClosed)
+                and self.tunnel_streams.get(ev.stream.peer) is ev.stream
+            ):
+                del self.tunnel_streams[ev.stream.peer]
+        return out
+
+
+class ForwardingMirror:
+    """What the crypto shards were last told (next hop and path MTU per destination).
+
+    The path MTU can change while the next hop stays, so the control worker also
+    rescans now and then (``changes()`` with no destinations).
+    """
+
+    def __init__(self) -> None:
+        self.table: dict[bytes, ShardEntry] = {}
+
+    def changes(self, stack: NodeStack, dsts: Iterable[bytes] | None = None) -> dict[bytes, Any]:
+        """Entries that differ from what was pushed (None: removed); records them."""
+        if dsts is None:
+            dsts = set(stack.forwarding_table()) | set(self.table)
+        out: dict[bytes, ShardEntry | None] = {}
+        for dst in dsts:
+            dst = bytes(dst)
+            hop = stack.core.next_hop(dst)
+            new = None if hop is None else (hop[0], hop[1], stack.path_mtu(dst))
+            if new != self.table.get(dst):
+                out[dst] = new
+                if new is None:
+                    del self.table[dst]
+                else:
+                    self.table[dst] = new
+        return out
+
+
+class ShardedNode:
+    """A sharded NodeStack and its crypto shards in one process, wired like the
+    worker processes (control, crypto workers, interface workers), for simulations.
+
+    Speaks the simulator's node protocol; ``tun_in(dst_sid, packet)`` stands in for
+    the TUN worker and ``tun_out`` collects what would be written to the TUN.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        interfaces: Sequence[InterfaceParams],
+        timing: Timing | None = None,
+        now: float = 0.0,
+        rng: random.Random | None = None,
+        *,
+        shards: int = 2,
+        epoch_ns: int = 0,
+        session_params: SessionParams | None = None,
+        random_bytes: Callable[[int], bytes] | None = None,
+        tunnel_routes: Sequence[tuple[IPNetwork, bytes]] | None = None,
+        msp_params: MspParams | None = None,
+    ) -> None:
+        self.stack = NodeStack(
+            identity,
+            interfaces,
+            timing,
+            now,
+            rng,
+            epoch_ns=epoch_ns,
+            msp_params=msp_params,
+            sharded=True,
+        )
+        self.sid = bytes(identity.sid)
+        mtus = [p.mtu for p in interfaces]
+        self.shards = [
+            CryptoShard(
+                identity,
+                mtus,
+                now,
+                rng=random.Random(self.stack.core.rng.getrandbits(64)),
+                epoch_ns=epoch_ns,
+                session_params=session_params,
+                random_bytes=random_bytes,
+                tunnel_routes=tunnel_routes,
+                msp_params=msp_params,
+            )
+            for _ in range(shards)
+        ]
+        self.mirror = ForwardingMirror()
+        self.tun_out: list[bytes] = []
+
+    def shard(self, sid: bytes) -> CryptoShard:
+        return self.shards[shard_of(sid, len(self.shards))]
+
+    def on_frame(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> list[Action]:
+        # As an interface worker: DATA frames go to the shard of their source SID.
+        if len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
+            return self._run(self.shard(frame[34:66]).on_frame(frame, now), now)
+        return self._run(self.stack.on_frame(iface, src, frame, now), now)
+
+    def on_timer(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        if now >= self.stack.next_deadline():
+            out = self._run(self.stack.on_timer(now), now)
+        changes = self.mirror.changes(self.stack)  # path MTUs may change on their own
+        if changes:
+            for s in self.shards:
+                s.set_forwarding(changes, full=False)
+        for s in self.shards:
+            if now >= s.next_deadline():
+                out.extend(self._run(s.on_timer(now), now))
+        return out
+
+    def next_deadline(self) -> float:
+        return min(self.stack.next_deadline(), *(s.next_deadline() for s in self.shards))
+
+    def tun_in(self, dst: bytes, packet: bytes, now: float) -> list[Action]:
+        shard = self.shard(dst)
+        shard.tun_packet(dst, packet, now)
+        return self._run(shard.on_timer(now), now)
+
+    def _run(self, actions: list[Action], now: float) -> list[Action]:
+        out: list[Action] = []
+        todo = collections.deque(actions)
+        while todo:
+            a = todo.popleft()
+            if isinstance(a, Seal):
+                todo.extend(self.shard(a.dst).seal(a.dst, a.plaintext, now))
+            elif isinstance(a, Open):
+                todo.extend(self.shard(a.src).open(a.src, a.packet, a.hops, now))
+            elif isinstance(a, Opened):
+                todo.extend(self.stack.on_opened(a.src, a.plaintext, a.hops, now))
+            elif isinstance(a, TunWrite):
+                self.tun_out.append(a.packet)
+            elif isinstance(a, ForwardingChanged):
+                changes = self.mirror.changes(self.stack, a.entries)
+                for s in self.shards:
+                    s.set_forwarding(changes, full=False)
+                out.append(a)
+            else:
+                out.append(a)
+        return out
