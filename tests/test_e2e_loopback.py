@@ -16,7 +16,7 @@ import pytest
 
 from meshpipe_workers.labnet import Lab
 
-WORKERS = "[workers]\nper_interface = 2\n"
+WORKERS = "[workers]\nper_interface = 2\ncrypto = 2\n"
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield lab
 
 
-def test_two_interface_workers_per_interface(lab: Lab) -> None:
+def test_two_interface_workers_and_two_crypto_workers(lab: Lab) -> None:
     st = lab.cli("y", "status")
     roles = sorted(w["role"] for w in st["supervisor"]["workers"])
-    assert roles == ["control", "interface:udp0:0", "interface:udp0:1"]
+    assert roles == ["control", "crypto:0", "crypto:1", "interface:udp0:0", "interface:udp0:1"]
     assert st["neighbours"] == 2
+    lab.wait_for(
+        lambda: sum(w["role"] == "crypto" for w in lab.cli("y", "status")["workers"]) == 2,
+        10,
+        "reports from both crypto workers",
+    )
 
 
 def test_ping_two_hops_on_loopback(lab: Lab) -> None:

@@ -117,11 +117,19 @@ def test_ping6_between_overlay_addresses_across_three_hops(lab: Lab) -> None:
     res = _ping(lab, "a", "-6", _ipv6(lab, "d"), count=5)
     assert res.returncode == 0, res.stdout + res.stderr
     assert " 0% packet loss" in res.stdout or " 20% packet loss" in res.stdout, res.stdout
-    st = lab.cli("a", "status")
-    tunnel = st["tunnel"]
-    assert tunnel["stages"]["to_mesh"]["packets"] >= 4
-    assert tunnel["stages"]["from_mesh"]["packets"] >= 4
-    assert {"tun_read", "to_mesh", "from_mesh", "tun_write"} <= set(tunnel["stages"])
+
+    def stages() -> dict[str, Any]:  # the workers report every second
+        st = lab.cli("a", "status")
+        assert st is not None
+        return dict(st["tunnel"]["stages"])
+
+    lab.wait_for(
+        lambda: stages()["to_mesh"].get("packets", 0) >= 4
+        and stages()["from_mesh"].get("packets", 0) >= 4,
+        5,
+        "tunnel stage counters",
+    )
+    assert {"tun_read", "to_mesh", "from_mesh", "tun_write"} <= set(stages())
 
 
 def test_iperf3_tcp_through_the_tunnel(lab: Lab) -> None:
@@ -150,7 +158,11 @@ def test_unrouted_destination_gets_icmp_unreachable(lab: Lab) -> None:
     res = _ping(lab, "a", "-6", "fd00::dead:beef", count=1)
     assert res.returncode != 0
     assert "destination unreachable" in res.stdout.lower(), res.stdout
-    assert _counters(lab, "a").get("tunnel.icmp.unreachable", 0) > before
+    lab.wait_for(  # the TUN worker reports its counters every second
+        lambda: _counters(lab, "a").get("tunnel.icmp.unreachable", 0) > before,
+        5,
+        "tunnel.icmp.unreachable",
+    )
 
 
 def test_forged_inner_source_is_dropped_and_counted(lab: Lab) -> None:

@@ -20,62 +20,35 @@ from typing import Any
 
 from meshpipe import __version__, log
 from meshpipe.actions import (
-    BROADCAST,
-    MULTICAST,
     Action,
-    Deliver,
     Event,
     ForwardingChanged,
+    Open,
+    Seal,
     SendFrame,
 )
-from meshpipe.config import Config, TimingSection, load_config
+from meshpipe.config import Config, load_config
+from meshpipe.dataplane import ForwardingMirror, shard_of
 from meshpipe.errors import MeshpipeError
 from meshpipe.identity import Identity, Sid, resolve_sid
-from meshpipe.link.kiss import RADIO_BROADCAST, RADIO_HEADER_LEN
 from meshpipe.mdp import MdpError
 from meshpipe.msp import Stream
-from meshpipe.node import InterfaceParams, Timing
 from meshpipe.services.discovery import DiscoveryTiming
 from meshpipe.stack import NodeStack, PingReply
 from meshpipe_workers import messages as msg
 from meshpipe_workers import radio
+from meshpipe_workers.coreparams import interface_params, timing
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
 from meshpipe_workers.services import Services
 from meshpipe_workers.stopflag import StopFlag
 from meshpipe_workers.streams import StreamHub, reset_reason
-from meshpipe_workers.tun import TunnelBridge
+from meshpipe_workers.tun import REC_TUN_STATS, REC_TUN_UP, tunnel_status
+from meshpipe_workers.txrings import FrameSender, flush_batches
 
 STATS_PERIOD = 30.0
+MIRROR_PERIOD = 1.0
 MAX_REQUEST = 64 * 1024
-
-
-def interface_params(cfg: Config) -> list[InterfaceParams]:
-    out = []
-    for i in cfg.interfaces:
-        t = None if i.timing is None else section_timing(i.timing)
-        if i.kind == "radio":
-            # One transmission reaches every neighbour; the link header rides inside the MTU.
-            p = InterfaceParams(i.name, i.mtu - RADIO_HEADER_LEN, BROADCAST, (), t)
-        else:
-            p = InterfaceParams(
-                i.name, i.mtu, MULTICAST if i.discovery else None, tuple(i.peers), t
-            )
-        out.append(p)
-    return out
-
-
-def timing(cfg: Config) -> Timing:
-    return section_timing(cfg.timing)
-
-
-def section_timing(t: TimingSection) -> Timing:
-    return Timing(
-        hello_interval=t.hello_interval,
-        neighbour_timeout=t.neighbour_timeout,
-        update_interval=t.update_interval,
-        route_expiry=t.route_expiry,
-    )
 
 
 class Deferred:
@@ -273,6 +246,7 @@ class ControlWorker:
             discovery_timing=DiscoveryTiming(
                 lifetime=cfg.discovery.lifetime, refresh=cfg.discovery.refresh
             ),
+            sharded=True,  # sessions live in the crypto workers
         )
         self.pings: list[PingJob] = []
         self.counters: Counter[str] = Counter()
@@ -289,21 +263,31 @@ class ControlWorker:
             self.tx.setdefault(int(w["iface"]), []).append(tx)
             self.sel.register(rx.consumer_fd(), selectors.EVENT_READ, lambda r=rx: self._on_rx(r))
         if "supervisor" in rings:
-            sup = Ring.attach(RingSpec.from_json(rings["supervisor"]))
-            self.rx.append(sup)
-            self.sel.register(sup.consumer_fd(), selectors.EVENT_READ, lambda r=sup: self._on_rx(r))
-        self._tx_pending: dict[Ring, list[bytes]] = {}
+            self._listen(Ring.attach(RingSpec.from_json(rings["supervisor"])))
+        # Crypto workers: ring k goes to (and comes from) the owner of shard k.
+        self.to_crypto: list[Ring] = []
+        for c in rings.get("crypto", []):
+            self.to_crypto.append(Ring.attach(RingSpec.from_json(c["to"])))
+            self._listen(Ring.attach(RingSpec.from_json(c["from"])))
+        self.crypto_reports: dict[int, dict[str, Any]] = {}
+        self.mirror = ForwardingMirror()
+        self.frames = FrameSender(cfg, self.tx, self.counters)
+        self._pending: dict[Ring, list[bytes]] = {}  # records for the crypto workers
+        self.tun_ctl: Ring | None = None
+        self.tun_report: dict[str, Any] = {}
+        if "tunnel" in rings:
+            self.tun_ctl = Ring.attach(RingSpec.from_json(rings["tunnel"]["ctl"]))
+            self._listen(Ring.attach(RingSpec.from_json(rings["tunnel"]["stats"])))
         self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
         self.hub = StreamHub(self.sel, time.monotonic)
         # Exposed services, forwards, SOCKS and the exit (workers/services.py).
         self.services = Services(
             self.core, self.hub, self.sel, cfg, self.execute, time.monotonic, self.known_sids
         )
-        self.tunnel: TunnelBridge | None = None
-        if "tunnel" in rings:
-            self.tunnel = TunnelBridge(
-                cfg.tunnel, self.core.msp, rings["tunnel"], self.sel, self.known_sids
-            )
+
+    def _listen(self, ring: Ring) -> None:
+        self.rx.append(ring)
+        self.sel.register(ring.consumer_fd(), selectors.EVENT_READ, lambda r=ring: self._on_rx(r))
 
     # -- data from the interface workers ------------------------------------------
 
@@ -327,6 +311,18 @@ class ControlWorker:
             elif tag == msg.REC_COUNTERS:
                 body = msg.unpacked(rec)
                 self.worker_reports[(int(body["iface"]), int(body["worker"]))] = body
+            elif tag == msg.REC_OPENED:
+                src, hops, pt = msg.parse_sid_hops_record(rec)
+                self.execute(self.core.on_opened(src, pt, hops, now))
+            elif tag == msg.REC_CRYPTO_REPORT:
+                body = msg.unpacked(rec)
+                self.crypto_reports[int(body["index"])] = body
+            elif tag == msg.REC_CRYPTO_UP:
+                self._push_to_shards(dict(self.mirror.table), full=True, only=rec[1])
+            elif tag == REC_TUN_STATS:
+                self.tun_report = msg.unpacked(rec)
+            elif tag == REC_TUN_UP and self.tun_ctl is not None:
+                self._push_forwarding(self.core.forwarding_table(), full=True, only=self.tun_ctl)
             elif tag == msg.REC_SUPERVISOR:
                 self.supervisor_state = msg.unpacked(rec)
             else:
@@ -344,48 +340,48 @@ class ControlWorker:
             self._flush_tx()
 
     def _flush_tx(self) -> None:
-        """Publish the frames queued by _send: one batch (and one wake-up) per ring."""
-        for ring, recs in self._tx_pending.items():
-            written = ring.put_batch(recs)
-            if written < len(recs):
-                self.counters["drop.tx_queue_full"] += len(recs) - written
-        self._tx_pending.clear()
+        """Publish the queued records: one batch (and one wake-up) per ring."""
+        self.frames.flush()
+        flush_batches(self._pending, self.counters, "drop.crypto_queue_full")
 
     def _execute(self, actions: Iterable[Action]) -> None:
+        n = len(self.to_crypto)
         for a in actions:
             if isinstance(a, SendFrame):
-                self._send(a)
+                self.frames.queue(a)
+            elif isinstance(a, Seal):
+                ring = self.to_crypto[shard_of(a.dst, n)] if n else None
+                self._queue(ring, msg.sid_record(msg.REC_SEAL, a.dst, a.plaintext))
+            elif isinstance(a, Open):
+                ring = self.to_crypto[shard_of(a.src, n)] if n else None
+                self._queue(ring, msg.sid_hops_record(msg.REC_OPEN, a.src, a.hops, a.packet))
             elif isinstance(a, Event):
                 self.log.info(a.name, **a.fields)
             elif isinstance(a, ForwardingChanged):
                 self._push_forwarding(a.entries, full=False)
-            elif isinstance(a, Deliver):
-                # No application layer is bound yet (sessions and MDP come next).
-                self.counters["deliver.unbound"] += 1
+                self._push_to_shards(self.mirror.changes(self.core, a.entries), full=False)
 
-    def _send(self, a: SendFrame) -> None:
-        workers = self.tx.get(a.iface)
-        if not workers:
-            self.counters["drop.no_interface"] += 1
-            return
-        if self.cfg.interfaces[a.iface].kind == "radio":
-            # Radio link addresses are ints; flooding is one broadcast transmission.
-            if a.dest == BROADCAST or a.dest == MULTICAST:
-                dst = RADIO_BROADCAST
-            elif isinstance(a.dest, int):
-                dst = a.dest
-            else:
-                self.counters["drop.bad_dest"] += 1
-                return
-            rec, ring = radio.radio_send(dst, a.frame), workers[0]
-        elif a.dest == MULTICAST:
-            rec, ring = msg.multicast(a.frame), workers[0]
-        elif isinstance(a.dest, tuple):
-            rec, ring = msg.send(a.dest, a.frame), workers[hash(a.dest) % len(workers)]
+    def _queue(self, ring: Ring | None, rec: bytes) -> None:
+        if ring is None:
+            self.counters["drop.no_crypto_worker"] += 1
         else:
-            self.counters["drop.bad_dest"] += 1
+            self._pending.setdefault(ring, []).append(rec)
+
+    def _push_to_shards(
+        self, entries: dict[bytes, Any], full: bool, only: int | None = None
+    ) -> None:
+        """Next hop and path MTU per destination for the crypto workers."""
+        if not entries and not full:
             return
-        self._tx_pending.setdefault(ring, []).append(rec)
+        body = {
+            "full": full,
+            "entries": {dst: None if e is None else _hop_json(e) for dst, e in entries.items()},
+        }
+        rec = msg.packed(msg.REC_FORWARDING, body)
+        rings = self.to_crypto if only is None else self.to_crypto[only : only + 1]
+        for ring in rings:
+            if not ring.put(rec):
+                self.counters["drop.crypto_queue_full"] += 1
 
     def _push_forwarding(
         self, entries: dict[bytes, Any], full: bool, only: Ring | None = None
@@ -393,18 +389,13 @@ class ControlWorker:
         body = {
             "full": full,
             "entries": {
-                # A radio next hop (an int) rides as [iface, "", addr]: UDP workers parse
-                # it without error and never use it, as it is not on their interface.
-                dst: None
-                if hop is None
-                else [hop[0], "", hop[1]]
-                if isinstance(hop[1], int)
-                else [hop[0], hop[1][0], hop[1][1]]
-                for dst, hop in entries.items()
+                dst: None if hop is None else _hop_json(hop) for dst, hop in entries.items()
             },
         }
         rec = msg.packed(msg.REC_FORWARDING, body)
         rings = [only] if only is not None else [r for rs in self.tx.values() for r in rs]
+        if only is None and self.tun_ctl is not None:
+            rings.append(self.tun_ctl)  # the TUN worker maps overlay addresses to known SIDs
         for ring in rings:
             if not ring.put(rec):
                 self.counters["drop.tx_queue_full"] += 1
@@ -445,7 +436,10 @@ class ControlWorker:
         return known
 
     def api_sessions(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.core.sessions(time.monotonic())
+        """The crypto workers' sessions, as of their last reports (at most 1 s old)."""
+        rows: list[dict[str, Any]] = []
+        for _, body in sorted(self.crypto_reports.items()):
+            rows.extend(body.get("sessions", []))
         return rows
 
     def api_ping(self, req: dict[str, Any]) -> Deferred:
@@ -605,11 +599,26 @@ class ControlWorker:
                     "rx_queue_dropped": body.get("rx_ring_dropped", 0),
                 }
             )
-        if self.tunnel is not None:
-            counters.update(self.tunnel.all_counters())
+        for k, body in sorted(self.crypto_reports.items()):
+            counters.update(body.get("counters", {}))
+            workers.append(
+                {
+                    "role": "crypto",
+                    "worker": k,
+                    "sessions": len(body.get("sessions", [])),
+                    "tunnel_peers": body.get("tunnel_peers", 0),
+                    "counters": body.get("counters", {}),
+                    "in_queue_depth": body.get("in_queue_depth", 0),
+                    "in_queue_dropped": body.get("in_queue_dropped", 0),
+                }
+            )
+        counters.update(self.tun_report.get("counters", {}))
+        tunnel = None
+        if self.tun_ctl is not None:
+            tunnel = tunnel_status(self.cfg.tunnel, counters, self.tun_report, self.crypto_reports)
         return {
             **self.api_id(),
-            **({"tunnel": self.tunnel.status()} if self.tunnel is not None else {}),
+            **({"tunnel": tunnel} if tunnel is not None else {}),
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "neighbours": len(self.core.neighbours()),
@@ -638,6 +647,7 @@ class ControlWorker:
         stop = StopFlag()
         self.log.info("control.start", control_socket=self.cfg.node.control_socket)
         next_stats = time.monotonic() + STATS_PERIOD
+        next_mirror = time.monotonic() + MIRROR_PERIOD
         self.execute(self.core.on_timer(time.monotonic()))
         for ring in self.rx:  # records queued before a restart; their wake-up may be gone
             self._on_rx(ring)
@@ -661,16 +671,24 @@ class ControlWorker:
             self.services.on_timer(now)
             events = self.core.msp.events()
             if events:
-                events = self.services.filter(events)
-                if self.tunnel is not None:
-                    self.tunnel.on_events(events)
-                self.hub.dispatch(events)
+                self.hub.dispatch(self.services.filter(events))
+            if now >= next_mirror:  # path MTUs change without a new next hop too
+                self._push_to_shards(self.mirror.changes(self.core), full=False)
+                next_mirror = now + MIRROR_PERIOD
             if now >= next_stats:
                 self.stats()
                 next_stats = now + STATS_PERIOD
         self.services.close()
         self.server.close()
         self.log.info("control.stop")
+
+
+def _hop_json(hop: Any) -> list[Any]:
+    """A next hop on a ring: [iface, host, port(, path MTU)]. A radio next hop (an
+    int) rides as [iface, "", addr]: UDP workers parse it and never use it."""
+    link = hop[1]
+    head = [hop[0], "", link] if isinstance(link, int) else [hop[0], link[0], link[1]]
+    return head + list(hop[2:])
 
 
 def _port(value: Any) -> int:

@@ -1,9 +1,15 @@
 """Interface worker: owns one UDP socket, forwards transit frames, hands the rest up.
 
-It never opens a payload: a DATA frame for another node is forwarded by looking
-its destination up in the forwarding table the control worker pushes, with the hop
-limit decremented. Everything else (hellos, routing, DATA for this node, transit
-that leaves by another interface) goes to the control worker over the rx ring.
+It never opens a payload: a DATA frame for another node that leaves by this same
+interface is forwarded here, by looking its destination up in the forwarding table
+the control worker pushes, with the hop limit decremented. Other DATA frames (for
+this node, or in transit to another interface) go to the crypto worker that owns
+their source SID's shard (one ``drx`` ring per crypto worker), so a flow keeps its
+order and the control worker stays out of the data path. Hellos, routing and
+discovery go to the control worker over the rx ring.
+
+It sends what every producer puts on its tx rings: the control worker's (``tx``)
+and one per crypto worker (``dtx``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections import Counter
 
 from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
+from meshpipe.dataplane import shard_of
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
@@ -40,6 +47,8 @@ class InterfaceWorker:
         rx: Ring,
         tx: Ring,
         reuse_port: bool,
+        crypto_tx: list[Ring] | None = None,
+        to_crypto: list[Ring] | None = None,
     ) -> None:
         self.cfg = cfg
         self.iface = iface_index
@@ -47,6 +56,8 @@ class InterfaceWorker:
         self.own_sid = own_sid
         self.rx = rx
         self.tx = tx
+        self.txs = [tx, *(crypto_tx or [])]
+        self.to_crypto = to_crypto or []
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, msg.UdpAddr]] = {}
         self.log = log.get()
@@ -114,6 +125,8 @@ class InterfaceWorker:
 
     def on_readable(self, sock: socket.socket) -> None:
         up: list[bytes] = []
+        n = len(self.to_crypto)
+        data: list[list[bytes]] = [[] for _ in range(n)]
         for _ in range(RECV_BATCH):
             try:
                 frame, addr = sock.recvfrom(65535)
@@ -129,11 +142,20 @@ class InterfaceWorker:
             src = (addr[0], addr[1])
             if self._forward_transit(frame):
                 continue
-            up.append(msg.frame_in(self.iface, src, frame))
+            rec = msg.frame_in(self.iface, src, frame)
+            if n and len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
+                data[shard_of(frame[34:66], n)].append(rec)
+            else:
+                up.append(rec)
         if up:
             sent = self.rx.put_batch(up)
             if sent < len(up):
                 self.counters["drop.queue_full"] += len(up) - sent
+        for ring, recs in zip(self.to_crypto, data, strict=True):
+            if recs:
+                sent = ring.put_batch(recs)
+                if sent < len(recs):
+                    self.counters["drop.crypto_queue_full"] += len(recs) - sent
 
     def _forward_transit(self, frame: bytes) -> bool:
         """Forward a DATA frame for another node by table lookup; True if handled here."""
@@ -165,8 +187,8 @@ class InterfaceWorker:
         except OSError:
             self.counters["tx.error"] += 1
 
-    def on_tx_ring(self) -> None:
-        for batch in self.tx.drain():
+    def on_tx_ring(self, ring: Ring) -> None:
+        for batch in ring.drain():
             for rec in batch:
                 self._handle_tx(rec)
 
@@ -201,6 +223,8 @@ class InterfaceWorker:
             "counters": dict(self.counters),
             "rx_ring_depth": self.rx.depth(),
             "rx_ring_dropped": self.rx.dropped_full,
+            "crypto_ring_depth": sum(r.depth() for r in self.to_crypto),
+            "crypto_ring_dropped": sum(r.dropped_full for r in self.to_crypto),
         }
         self.rx.put(msg.packed(msg.REC_COUNTERS, body))
 
@@ -209,9 +233,11 @@ class InterfaceWorker:
         sel.register(self.sock, selectors.EVENT_READ, "sock")
         if self.mcast_sock is not None:
             sel.register(self.mcast_sock, selectors.EVENT_READ, "mcast")
-        sel.register(self.tx.consumer_fd(), selectors.EVENT_READ, "tx")
+        for ring in self.txs:
+            sel.register(ring.consumer_fd(), selectors.EVENT_READ, ring)
         self.rx.put(msg.worker_up(self.iface, self.worker))
-        self.on_tx_ring()  # records queued while this worker was down; no wake-up will come
+        for ring in self.txs:  # records queued while this worker was down; no wake-up will come
+            self.on_tx_ring(ring)
         self.log.info(
             "interface.start", iface=self.cfg.name, worker=self.worker, listen=_fmt(self.cfg.listen)
         )
@@ -220,8 +246,8 @@ class InterfaceWorker:
         while not stop:
             timeout = max(0.0, next_report - time.monotonic())
             for key, _ in sel.select(timeout):
-                if key.data == "tx":
-                    self.on_tx_ring()
+                if isinstance(key.data, Ring):
+                    self.on_tx_ring(key.data)
                 else:
                     self.on_readable(key.fileobj)  # type: ignore[arg-type]
             if time.monotonic() >= next_report:
@@ -250,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iface", type=int, required=True)
     p.add_argument("--worker", type=int, required=True)
     p.add_argument("--sid", required=True)
-    p.add_argument("--rings", required=True, help="JSON {rx: spec, tx: spec}")
+    p.add_argument("--rings", required=True, help="JSON {rx, tx, dtx: [...], drx: [...]}")
     a = p.parse_args(argv)
     cfg = load_config(a.config)
     icfg = cfg.interfaces[a.iface]
@@ -261,9 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     rings = json.loads(a.rings)
     rx = Ring.attach(RingSpec.from_json(rings["rx"]))
     tx = Ring.attach(RingSpec.from_json(rings["tx"]))
+    dtx = [Ring.attach(RingSpec.from_json(r)) for r in rings.get("dtx", [])]
+    drx = [Ring.attach(RingSpec.from_json(r)) for r in rings.get("drx", [])]
     try:
         worker = InterfaceWorker(
-            icfg, a.iface, a.worker, sid, rx, tx, reuse_port=cfg.workers.per_interface > 1
+            icfg,
+            a.iface,
+            a.worker,
+            sid,
+            rx,
+            tx,
+            reuse_port=cfg.workers.per_interface > 1,
+            crypto_tx=dtx,
+            to_crypto=drx,
         )
     except OSError as exc:
         log.get().error(

@@ -26,6 +26,16 @@ REC_SEND = 0x53  # 'S': addr, frame
 REC_MULTICAST = 0x4D  # 'M': frame (to the interface's discovery group)
 REC_FORWARDING = 0x52  # 'R': msgpack {"full": bool, "entries": {dst: [iface, host, port] | None}}
 
+# control worker <-> crypto workers (workers/crypto.py); interface workers also send
+# REC_FRAME_IN (DATA frames) to a crypto worker and take REC_SEND from it
+REC_SEAL = 0x45  # 'E': control -> crypto: dst SID 32, plaintext (encrypt and send)
+REC_OPEN = 0x4F  # 'O': control -> crypto: src SID 32, u8 hops, session packet
+REC_OPENED = 0x6F  # 'o': crypto -> control: src SID 32, u8 hops, plaintext
+REC_CRYPTO_UP = 0x43  # 'C': crypto -> control: u8 index; asks for the full table
+REC_CRYPTO_REPORT = 0x6B  # 'k': crypto -> control: msgpack counters, sessions, queues
+# TUN worker -> crypto worker
+REC_TUN_TO_PEER = 0x58  # 'X': dst SID 32, IP packet
+
 UdpAddr = tuple[str, int]
 
 _V4 = struct.Struct("!B4sH")
@@ -84,3 +94,25 @@ def packed(tag: int, body: Any) -> bytes:
 
 def unpacked(rec: bytes) -> Any:
     return msgpack.unpackb(rec[1:], raw=False, strict_map_key=False)
+
+
+def sid_record(tag: int, sid: bytes, data: bytes) -> bytes:
+    """REC_SEAL / REC_TUN_TO_PEER: tag, a 32-byte SID, data."""
+    return bytes((tag,)) + sid + data
+
+
+def sid_hops_record(tag: int, sid: bytes, hops: int, data: bytes) -> bytes:
+    """REC_OPEN / REC_OPENED: tag, a 32-byte SID, u8 hops, data."""
+    return bytes((tag,)) + sid + bytes((min(hops, 255),)) + data
+
+
+def parse_sid_record(rec: bytes) -> tuple[bytes, bytes]:
+    if len(rec) < 33:
+        raise FrameError("record truncated before its SID")
+    return rec[1:33], rec[33:]
+
+
+def parse_sid_hops_record(rec: bytes) -> tuple[bytes, int, bytes]:
+    if len(rec) < 34:
+        raise FrameError("record truncated before its SID and hops")
+    return rec[1:33], rec[33], rec[34:]

@@ -195,7 +195,13 @@ class SendQueue:
 
 class RadioWorker:
     def __init__(
-        self, cfg: InterfaceConfig, iface_index: int, own_sid: bytes, rx: Ring, tx: Ring
+        self,
+        cfg: InterfaceConfig,
+        iface_index: int,
+        own_sid: bytes,
+        rx: Ring,
+        tx: Ring,
+        crypto_tx: list[Ring] | None = None,
     ) -> None:
         self.cfg = cfg
         self.iface = iface_index
@@ -203,6 +209,7 @@ class RadioWorker:
         self.addr = kiss.radio_addr(own_sid)
         self.rx = rx
         self.tx = tx
+        self.txs = [tx, *(crypto_tx or [])]  # the control worker's, then each crypto worker's
         self.log = log.get()
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, int]] = {}
@@ -308,8 +315,8 @@ class RadioWorker:
             self.out = self.queue.pop()
             self.counters["tx.frames"] += 1
 
-    def on_tx_ring(self) -> None:
-        for batch in self.tx.drain():
+    def on_tx_ring(self, ring: Ring) -> None:
+        for batch in ring.drain():
             for rec in batch:
                 self._handle_tx(rec)
 
@@ -354,9 +361,11 @@ class RadioWorker:
 
     def run(self) -> None:
         self.sel.register(self.fd, selectors.EVENT_READ, "tty")
-        self.sel.register(self.tx.consumer_fd(), selectors.EVENT_READ, "tx")
+        for ring in self.txs:
+            self.sel.register(ring.consumer_fd(), selectors.EVENT_READ, ring)
         self.rx.put(msg.worker_up(self.iface, 0))
-        self.on_tx_ring()  # records queued while this worker was down; no wake-up will come
+        for ring in self.txs:  # records queued while this worker was down; no wake-up will come
+            self.on_tx_ring(ring)
         self.log.info(
             "radio.start",
             iface=self.cfg.name,
@@ -371,8 +380,8 @@ class RadioWorker:
             wait = self.pump()
             timeout = max(0.0, min(wait, next_report - time.monotonic()))
             for key, _ in self.sel.select(timeout):
-                if key.data == "tx":
-                    self.on_tx_ring()
+                if isinstance(key.data, Ring):
+                    self.on_tx_ring(key.data)
                 else:
                     self.on_readable()
             if time.monotonic() >= next_report:
@@ -396,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     rings = json.loads(a.rings)
     rx = Ring.attach(RingSpec.from_json(rings["rx"]))
     tx = Ring.attach(RingSpec.from_json(rings["tx"]))
+    dtx = [Ring.attach(RingSpec.from_json(r)) for r in rings.get("dtx", [])]
     try:
-        worker = RadioWorker(icfg, a.iface, sid, rx, tx)
+        worker = RadioWorker(icfg, a.iface, sid, rx, tx, dtx)
     except OSError as exc:
         log.get().error("radio.open_failed", iface=icfg.name, device=icfg.device, error=str(exc))
         return 3

@@ -62,7 +62,21 @@ class Supervisor:
         return r
 
     def _build(self) -> None:
+        """Rings and worker command lines. Every ring has one producer and one consumer:
+
+        - interface worker (i, k): rx/tx with the control worker; per crypto worker c
+          a ``dtx`` ring (c sends frames) and, for UDP, a ``drx`` ring (DATA frames
+          of c's shard); a radio sends everything up to the control worker;
+        - crypto worker c: to/from the control worker, to/from the TUN worker;
+        - TUN worker: ``stats`` up and ``ctl`` down with the control worker.
+        """
         py = sys.executable
+        sid = str(self.identity.sid)
+        n_crypto = self.cfg.workers.crypto
+        tunnel = self.cfg.tunnel.enabled
+        crypto: list[dict[str, Any]] = [
+            {"from_ifaces": [], "to_ifaces": []} for _ in range(n_crypto)
+        ]
         iface_rings: list[dict[str, Any]] = []
         self.to_control = self._ring()  # supervisor -> control: worker table
         for i, icfg in enumerate(self.cfg.interfaces):
@@ -70,9 +84,21 @@ class Supervisor:
             radio = icfg.kind == "radio"
             for k in range(1 if radio else self.cfg.workers.per_interface):
                 rx, tx = self._ring(), self._ring()
+                dtx = [self._ring() for _ in range(n_crypto)]
+                drx = [] if radio else [self._ring() for _ in range(n_crypto)]
+                for c in range(n_crypto):
+                    crypto[c]["to_ifaces"].append({"iface": i, "ring": dtx[c].spec.to_dict()})
+                    if drx:
+                        crypto[c]["from_ifaces"].append(drx[c].spec.to_dict())
                 iface_rings.append(
-                    {"iface": i, "worker": k, "rx": rx.spec.to_json(), "tx": tx.spec.to_json()}
+                    {"iface": i, "worker": k, "rx": rx.spec.to_dict(), "tx": tx.spec.to_dict()}
                 )
+                rings = {
+                    "rx": rx.spec.to_dict(),
+                    "tx": tx.spec.to_dict(),
+                    "dtx": [r.spec.to_dict() for r in dtx],
+                    "drx": [r.spec.to_dict() for r in drx],
+                }
                 self.workers.append(
                     WorkerSpec(
                         role=f"radio:{icfg.name}" if radio else f"interface:{icfg.name}:{k}",
@@ -87,22 +113,52 @@ class Supervisor:
                             "--worker",
                             str(k),
                             "--sid",
-                            str(self.identity.sid),
+                            sid,
                             "--rings",
-                            json.dumps({"rx": rx.spec.to_json(), "tx": tx.spec.to_json()}),
+                            json.dumps(rings),
                         ],
-                        fds=[rx.spec.eventfd, tx.spec.eventfd],
+                        fds=[r.spec.eventfd for r in (rx, tx, *dtx, *drx)],
                     )
                 )
         control_rings: dict[str, Any] = {
             "interfaces": iface_rings,
-            "supervisor": self.to_control.spec.to_json(),
+            "supervisor": self.to_control.spec.to_dict(),
+            "crypto": [],
         }
-        if self.cfg.tunnel.enabled:
-            # The TUN worker (workers/tun.py): packets up to the control worker and back.
-            up, down = self._ring(), self._ring()
-            tun_rings = {"up": up.spec.to_json(), "down": down.spec.to_json()}
-            control_rings["tunnel"] = tun_rings
+        tun_rings: dict[str, Any] = {"to_crypto": [], "from_crypto": []}
+        if tunnel:
+            stats, ctl = self._ring(), self._ring()
+            tun_rings.update(stats=stats.spec.to_dict(), ctl=ctl.spec.to_dict())
+            control_rings["tunnel"] = {"stats": stats.spec.to_dict(), "ctl": ctl.spec.to_dict()}
+        for c in range(n_crypto):
+            to, frm = self._ring(), self._ring()
+            control_rings["crypto"].append({"to": to.spec.to_dict(), "from": frm.spec.to_dict()})
+            crypto[c].update(from_control=to.spec.to_dict(), to_control=frm.spec.to_dict())
+            if tunnel:
+                up, down = self._ring(), self._ring()
+                tun_rings["to_crypto"].append(up.spec.to_dict())
+                tun_rings["from_crypto"].append(down.spec.to_dict())
+                crypto[c].update(from_tun=up.spec.to_dict(), to_tun=down.spec.to_dict())
+            self.workers.append(
+                WorkerSpec(
+                    role=f"crypto:{c}",
+                    argv=[
+                        py,
+                        "-m",
+                        "meshpipe_workers.crypto",
+                        "--config",
+                        self.config_path,
+                        "--index",
+                        str(c),
+                        "--count",
+                        str(n_crypto),
+                        "--rings",
+                        json.dumps(crypto[c]),
+                    ],
+                    fds=_fds(crypto[c]),
+                )
+            )
+        if tunnel:
             self.workers.append(
                 WorkerSpec(
                     role="tun",
@@ -113,14 +169,13 @@ class Supervisor:
                         "--config",
                         self.config_path,
                         "--sid",
-                        str(self.identity.sid),
+                        sid,
                         "--rings",
                         json.dumps(tun_rings),
                     ],
-                    fds=[up.spec.eventfd, down.spec.eventfd],
+                    fds=_fds(tun_rings),
                 )
             )
-        fds = [r.spec.eventfd for r in self.rings]
         self.workers.insert(
             0,
             WorkerSpec(
@@ -134,7 +189,7 @@ class Supervisor:
                     "--rings",
                     json.dumps(control_rings),
                 ],
-                fds=fds,
+                fds=_fds(control_rings),
             ),
         )
 
@@ -205,6 +260,7 @@ class Supervisor:
             name=self.cfg.node.name,
             interfaces=[i.name for i in self.cfg.interfaces],
             interface_workers=self.cfg.workers.per_interface,
+            crypto_workers=self.cfg.workers.crypto,
         )
         watchdog = sdnotify.watchdog_interval()
         next_ping = time.monotonic()
@@ -243,3 +299,14 @@ class Supervisor:
             r.close()
             r.unlink()
         self.log.info("node.stop")
+
+
+def _fds(specs: Any) -> list[int]:
+    """Every eventfd named in a nest of ring specs (what a worker must inherit)."""
+    if isinstance(specs, dict):
+        if "eventfd" in specs:
+            return [int(specs["eventfd"])]
+        return [fd for v in specs.values() for fd in _fds(v)]
+    if isinstance(specs, list):
+        return [fd for v in specs for fd in _fds(v)]
+    return []

@@ -1,0 +1,236 @@
+"""Crypto worker: one shard of the node's sessions (meshpipe/dataplane.py).
+
+``python -m meshpipe_workers.crypto --index K --count N`` is started by the
+supervisor, N of them (``[workers] crypto``, "auto" = one per core). Worker K owns
+the sessions of the peers with ``shard_of(sid, N) == K``: handshakes, keys, nonce
+counters, replay windows, and the tunnel's datagram streams to those peers.
+
+Rings (all single-producer single-consumer, made by the supervisor):
+
+- from the control worker: ``REC_SEAL`` (encrypt and send), ``REC_OPEN`` (a packet
+  that reached the control worker, from a radio), ``REC_FORWARDING`` (next hop and
+  path MTU per destination); to it: ``REC_OPENED`` (plaintexts for its protocols),
+  ``REC_CRYPTO_UP`` and ``REC_CRYPTO_REPORT`` (every second and after a session event);
+- from every UDP interface worker: ``REC_FRAME_IN`` with DATA frames of peers in this
+  shard, for this node or in transit to another interface; to every interface (and
+  radio) worker: ``REC_SEND`` / ``REC_RADIO_SEND``;
+- with ``[tunnel]``: from the TUN worker ``REC_TUN_TO_PEER``, to it ``REC_TUN_PACKET``.
+
+Each input ring is drained in batches; everything a batch causes leaves as one
+batch per output ring. A full ring drops (counted), never blocks. Killed, the worker
+is restarted by the supervisor with empty state: its peers' sessions are
+handshaken again and their tunnel streams reset and reopened.
+
+Counters (in its report, so in ``meshpipe status --json`` under ``workers`` and
+merged into ``counters``): the shard's (see meshpipe/dataplane.py) and
+``crypto.rx.records``, ``crypto.drop.bad_record``, ``drop.tx_queue_full``,
+``crypto.drop.control_queue_full``, ``crypto.drop.tun_queue_full``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import selectors
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from meshpipe import log
+from meshpipe.actions import Action, Event, Opened, SendFrame, TunWrite
+from meshpipe.config import Config, load_config
+from meshpipe.dataplane import CryptoShard
+from meshpipe.identity import Identity
+from meshpipe_workers import messages as msg
+from meshpipe_workers.coreparams import interface_params
+from meshpipe_workers.ring import Ring, RingSpec
+from meshpipe_workers.stopflag import StopFlag
+from meshpipe_workers.tun import REC_TUN_PACKET
+from meshpipe_workers.txrings import FrameSender, flush_batches
+
+REPORT_PERIOD = 1.0
+REPORT_SOON = 0.05  # after a session event: the CLI's `sessions` should see it at once
+
+
+def _attach(spec: dict[str, Any]) -> Ring:
+    return Ring.attach(RingSpec.from_json(spec))
+
+
+class CryptoWorker:
+    def __init__(
+        self, cfg: Config, identity: Identity, index: int, count: int, rings: dict[str, Any]
+    ) -> None:
+        self.index = index
+        self.count = count
+        self.log = log.get()
+        self.counters: Counter[str] = Counter()
+        now = time.monotonic()
+        self.shard = CryptoShard(
+            identity,
+            [p.mtu for p in interface_params(cfg)],
+            now,
+            # Handshake timestamps from the wall clock: a restarted worker's are newer.
+            epoch_ns=time.time_ns(),
+            tunnel_routes=[(r.prefix, r.via) for r in cfg.tunnel.routes]
+            if cfg.tunnel.enabled
+            else None,
+        )
+        self.from_control = _attach(rings["from_control"])
+        self.to_control = _attach(rings["to_control"])
+        self.from_ifaces = [_attach(s) for s in rings["from_ifaces"]]
+        tx: dict[int, list[Ring]] = {}
+        for t in rings["to_ifaces"]:
+            tx.setdefault(int(t["iface"]), []).append(_attach(t["ring"]))
+        self.sender = FrameSender(cfg, tx, self.counters)
+        self.from_tun = _attach(rings["from_tun"]) if "from_tun" in rings else None
+        self.to_tun = _attach(rings["to_tun"]) if "to_tun" in rings else None
+        self.up: list[bytes] = []  # REC_OPENED for the control worker
+        self.down: list[bytes] = []  # REC_TUN_PACKET for the TUN worker
+        self.report_at = now + REPORT_PERIOD
+
+    # -- inputs --------------------------------------------------------------------
+
+    def _drain(self, ring: Ring, handle: Callable[[bytes, float], None]) -> None:
+        for batch in ring.drain():
+            now = time.monotonic()
+            self.counters["crypto.rx.records"] += len(batch)
+            for rec in batch:
+                try:
+                    handle(rec, now)
+                except Exception as exc:  # a bad record costs itself, never the worker
+                    self.counters["crypto.drop.bad_record"] += 1
+                    self.log.error("crypto.bad_record", tag=rec[:1].hex(), error=repr(exc))
+            if self.shard.next_deadline() <= now:  # e.g. tunnel datagrams queued
+                self._execute(self.shard.on_timer(now))
+            self._flush()
+
+    def on_control(self, rec: bytes, now: float) -> None:
+        tag = rec[0] if rec else -1
+        if tag == msg.REC_SEAL:
+            dst, pt = msg.parse_sid_record(rec)
+            self._execute(self.shard.seal(dst, pt, now))
+        elif tag == msg.REC_OPEN:
+            src, hops, packet = msg.parse_sid_hops_record(rec)
+            self._execute(self.shard.open(src, packet, hops, now))
+        elif tag == msg.REC_FORWARDING:
+            body = msg.unpacked(rec)
+            entries = {
+                bytes(dst): None if e is None else (int(e[0]), _link_addr(e), int(e[3]))
+                for dst, e in body["entries"].items()
+            }
+            self.shard.set_forwarding(entries, bool(body.get("full")))
+        else:
+            self.counters["crypto.drop.bad_record"] += 1
+
+    def on_iface(self, rec: bytes, now: float) -> None:
+        if rec[:1] != bytes((msg.REC_FRAME_IN,)):
+            self.counters["crypto.drop.bad_record"] += 1
+            return
+        _iface, _addr, frame = msg.parse_frame_in(rec)
+        self._execute(self.shard.on_frame(frame, now))
+
+    def on_tun(self, rec: bytes, now: float) -> None:
+        if rec[:1] != bytes((msg.REC_TUN_TO_PEER,)):
+            self.counters["crypto.drop.bad_record"] += 1
+            return
+        dst, packet = msg.parse_sid_record(rec)
+        self.shard.tun_packet(dst, packet, now)  # sent by the on_timer after the batch
+
+    # -- outputs -------------------------------------------------------------------
+
+    def _execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendFrame):
+                self.sender.queue(a)
+            elif isinstance(a, TunWrite):
+                self.down.append(bytes((REC_TUN_PACKET,)) + a.packet)
+            elif isinstance(a, Opened):
+                self.up.append(msg.sid_hops_record(msg.REC_OPENED, a.src, a.hops, a.plaintext))
+            elif isinstance(a, Event):
+                self.log.info(a.name, **a.fields)
+                if a.name.startswith("session."):
+                    self.report_at = min(self.report_at, time.monotonic() + REPORT_SOON)
+
+    def _flush(self) -> None:
+        self.sender.flush()
+        pending: dict[Ring, list[bytes]] = {}
+        if self.up:
+            pending[self.to_control] = self.up
+        if self.down and self.to_tun is not None:
+            pending[self.to_tun] = self.down
+        flush_batches(pending, self.counters, "crypto.drop.queue_full")
+        self.up, self.down = [], []
+
+    def report(self, now: float) -> None:
+        counters = self.shard.all_counters()
+        counters.update(self.counters)
+        inputs = [self.from_control, *self.from_ifaces]
+        if self.from_tun is not None:
+            inputs.append(self.from_tun)
+        body = {
+            "index": self.index,
+            "counters": dict(counters),
+            "sessions": self.shard.sessions(now),
+            "tunnel_peers": len(self.shard.tunnel_streams),
+            "in_queue_depth": sum(r.depth() for r in inputs),
+            "in_queue_dropped": sum(r.dropped_full for r in inputs),
+        }
+        if not self.to_control.put(msg.packed(msg.REC_CRYPTO_REPORT, body)):
+            self.counters["crypto.drop.queue_full"] += 1
+
+    # -- loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        handlers: list[tuple[Ring, Callable[[bytes, float], None]]] = [
+            (self.from_control, self.on_control),
+            *((r, self.on_iface) for r in self.from_ifaces),
+        ]
+        if self.from_tun is not None:
+            handlers.append((self.from_tun, self.on_tun))
+        for ring, handle in handlers:
+            sel.register(ring.consumer_fd(), selectors.EVENT_READ, (ring, handle))
+        self.to_control.put(bytes((msg.REC_CRYPTO_UP, self.index)))
+        self.log.info("crypto.start", index=self.index, count=self.count)
+        for ring, handle in handlers:  # records queued while this worker was down
+            self._drain(ring, handle)
+        stop = StopFlag()
+        while not stop:
+            now = time.monotonic()
+            wake = min(self.shard.next_deadline(), self.report_at)
+            for key, _ in sel.select(max(0.0, min(wake - now, 1.0))):
+                ring, handle = key.data
+                self._drain(ring, handle)
+            now = time.monotonic()
+            if now >= self.shard.next_deadline():
+                self._execute(self.shard.on_timer(now))
+                self._flush()
+            if now >= self.report_at:
+                self.report(now)
+                self.report_at = now + REPORT_PERIOD
+        self.log.info("crypto.stop", index=self.index)
+
+
+def _link_addr(e: list[Any]) -> Any:
+    """A pushed next hop: [iface, host, port, mtu]; a radio's host is "" (port = address)."""
+    return int(e[2]) if e[1] == "" else (str(e[1]), int(e[2]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshpipe-crypto-worker")
+    p.add_argument("--config", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--rings", required=True)
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    identity = Identity.load(cfg.node.key)
+    log.configure(node=identity.sid.short, role=f"crypto:{a.index}", level=cfg.node.log_level)
+    CryptoWorker(cfg, identity, a.index, a.count, json.loads(a.rings)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
