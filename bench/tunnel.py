@@ -15,12 +15,13 @@ Two namespaces a - b (``meshpipe_workers.labnet.Lab``, one veth, underlay
   cannot be configured, which the project's network rules forbid (only
   198.18.0.0/15 and fd00::/8); the row says so instead of a number;
 - meshpipe: real ``meshpipe run`` nodes with ``[tunnel]`` on, between their overlay
-  addresses (fd00::/8).
+  addresses (fd00::/8), once per crypto worker count in ``--crypto`` (default 1 and
+  the number of cores), restarted with ``[workers] crypto = N`` in between.
 
 Each figure is the median of ``--runs`` runs and is printed with its ratio to
-wireguard-go. Then the total RSS of an idle meshpipe node (the supervisor and every
-process under it) is measured. The control worker still does all the encryption
-(crypto workers are not written yet), so this is the single-core figure.
+wireguard-go; for meshpipe also the added RTT per hop (meshpipe's RTT minus the
+raw veth's, over the one hop). Then the total RSS of an idle meshpipe node (the
+supervisor and every process under it) is printed for each worker count.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from meshpipe_workers.labnet import Lab
 from meshpipe_workers.netns import Topology, stop_process
 
 NAMES = ["a", "b"]
+MARK = "\n# -- bench.tunnel --"
 WG_ADDR = {"a": "198.18.210.1", "b": "198.18.210.2"}
 WG_PORT = 51820
 DEBIAN = {"iperf3": "iperf3", "wireguard-go": "wireguard-go", "wg": "wireguard-tools"}
@@ -178,9 +180,17 @@ def _wait_dev(topo: Topology, name: str, dev: str) -> None:
 # -- meshpipe ------------------------------------------------------------------------------
 
 
-def run_meshpipe(rows: list[Row], lab: Lab, args: argparse.Namespace) -> int:
-    """Measure the tunnel; return the idle node's total RSS in bytes (node b)."""
+def run_meshpipe(rows: list[Row], lab: Lab, args: argparse.Namespace, crypto: int) -> int:
+    """Measure the tunnel with ``crypto`` crypto workers; return the idle node's total
+    RSS in bytes (node b)."""
     assert lab.topo is not None
+    for n in NAMES:
+        cfg = lab.nodes[n].config
+        base = cfg.read_text().split(MARK)[0]
+        cfg.write_text(
+            f'{base}{MARK}\n[tunnel]\nenabled = true\nname = "mesh0"\n'
+            f"\n[workers]\ncrypto = {crypto}\n"
+        )
     lab.start_all()
     lab.wait_for(lambda: lab.route("a", "b") is not None, 30, "a's route to b")
     ident = lab.cli("b", "id")
@@ -192,10 +202,24 @@ def run_meshpipe(rows: list[Row], lab: Lab, args: argparse.Namespace) -> int:
     )
     time.sleep(2.0)  # idle: measure memory before any tunnel traffic
     rss = node_rss(lab, "b")
-    measure(rows, "meshpipe", lab.topo, addr, args)
+    measure(rows, meshpipe_system(crypto), lab.topo, addr, args)
     st = lab.cli("a", "status")
     log(f"  meshpipe a: tunnel {json.dumps(st.get('tunnel', {}).get('drops', {}))}")
+    for n in NAMES:
+        lab.stop(n)
     return rss
+
+
+def meshpipe_system(crypto: int) -> str:
+    return f"meshpipe/{crypto}cw"
+
+
+def crypto_counts(text: str) -> list[int]:
+    cores = os.cpu_count() or 1
+    out = [cores if c.strip() == "auto" else int(c) for c in text.split(",") if c.strip()]
+    if not out or min(out) < 1:
+        raise SystemExit("--crypto: a comma-separated list of worker counts >= 1 or 'auto'")
+    return list(dict.fromkeys(out))
 
 
 def node_rss(lab: Lab, name: str) -> int:
@@ -234,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=5, help="iperf3 duration per run")
     p.add_argument("--pings", type=int, default=20, help="echoes per RTT sample")
     p.add_argument("--workdir", default="/tmp/meshpipe-bench-tunnel")
+    p.add_argument(
+        "--crypto", default="1,auto", help="crypto worker counts to run meshpipe with (1,auto)"
+    )
     p.set_defaults(runs=3)
     args = p.parse_args(argv)
     if args.runs < 3:
@@ -241,11 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     require_root()
     ensure_packages()
     rows: list[Row] = []
+    counts = crypto_counts(args.crypto)
+    rss: dict[int, int] = {}
     with exit_on_signals(), Lab(NAMES, args.workdir, netns=True) as lab:
         assert lab.topo is not None
-        for n in NAMES:
-            cfg = lab.nodes[n].config
-            cfg.write_text(cfg.read_text() + '\n[tunnel]\nenabled = true\nname = "mesh0"\n')
         topo = lab.topo
         log("veth")
         measure(rows, "veth", topo, topo.address_towards("b", "a"), args)
@@ -258,17 +284,37 @@ def main(argv: list[str] | None = None) -> int:
             Row("iperf3 TCP", "yggdrasil", error=YGGDRASIL_NOTE),
             Row("ping RTT", "yggdrasil", unit="ms", error=YGGDRASIL_NOTE),
         ]
-        log("meshpipe")
-        rss = run_meshpipe(rows, lab, args)
+        for k in counts:
+            log(f"meshpipe, {k} crypto worker(s)")
+            rss[k] = run_meshpipe(rows, lab, args, k)
     rows.sort(key=lambda r: r.case)
-    meta = {"idle_node_rss_bytes": rss, "runs": args.runs, "seconds": args.seconds}
+    subject = meshpipe_system(counts[-1])
+    meta = {
+        "idle_node_rss_bytes": {str(k): v for k, v in rss.items()},
+        "runs": args.runs,
+        "seconds": args.seconds,
+        "crypto_workers": counts,
+    }
     if args.json:
-        print(to_json(rows, "meshpipe", ["wireguard-go", "veth"], **meta))
-    else:
-        for case in ("iperf3 TCP", "ping RTT"):
-            print_table([r for r in rows if r.case == case], "meshpipe", ["wireguard-go", "veth"])
-            print()
-        print(f"idle meshpipe node, all workers: RSS {rss / 1e6:.1f} MB")
+        print(to_json(rows, subject, ["wireguard-go", "veth"], **meta))
+        return 0
+    for case in ("iperf3 TCP", "ping RTT"):
+        print_table([r for r in rows if r.case == case], subject, ["wireguard-go", "veth"])
+        print()
+    by = {(r.case, r.system): r.median for r in rows}
+    wg_t, wg_r = by.get(("iperf3 TCP", "wireguard-go")), by.get(("ping RTT", "wireguard-go"))
+    veth_r = by.get(("ping RTT", "veth"))
+    for k in counts:
+        t, r = by.get(("iperf3 TCP", meshpipe_system(k))), by.get(("ping RTT", meshpipe_system(k)))
+        parts = [f"meshpipe with {k} crypto worker(s):"]
+        if t is not None and wg_t:
+            parts.append(f"throughput {t / wg_t:.3f}x wireguard-go;")
+        if r is not None and veth_r is not None:
+            parts.append(f"added RTT per hop {r - veth_r:.3f} ms;")
+        if r is not None and wg_r:
+            parts.append(f"RTT {r / wg_r:.2f}x wireguard-go;")
+        parts.append(f"idle RSS, all workers {rss[k] / 1e6:.1f} MB")
+        print(" ".join(parts))
     return 0
 
 

@@ -171,6 +171,7 @@ class Tunnel:
         self._overlay: dict[bytes, bytes] = {}  # derived /128 -> SID
         self._derived: set[bytes] = set()  # SIDs already in _overlay
         self._cache: dict[bytes, bytes | None] = {}  # destination -> SID via a prefix
+        self._address_of: dict[bytes, bytes] = {}  # SID -> its overlay address
         self._tokens = ICMP_RATE
         self._tokens_at = now
 
@@ -183,6 +184,15 @@ class Tunnel:
             if sid not in self._derived:
                 self._derived.add(sid)
                 self._overlay[overlay_ipv6(sid).packed] = sid
+
+    def _own_address(self, sid: bytes) -> bytes:
+        """``sid``'s overlay /128 (a hash: computed once per SID, not per packet)."""
+        addr = self._address_of.get(sid)
+        if addr is None:
+            if len(self._address_of) >= CACHE_LIMIT:
+                self._address_of.clear()
+            addr = self._address_of[sid] = overlay_ipv6(sid).packed
+        return addr
 
     def lookup(self, dst: bytes) -> bytes | None:
         """The SID that owns destination address ``dst`` (4 or 16 bytes), or None."""
@@ -204,7 +214,7 @@ class Tunnel:
 
     def allowed_source(self, sid: bytes, src: bytes) -> bool:
         """May node ``sid`` send packets from address ``src``?"""
-        if len(src) == 16 and src == overlay_ipv6(sid).packed:
+        if len(src) == 16 and src == self._own_address(bytes(sid)):
             return True
         nets = self._allowed.get(bytes(sid))
         if not nets:

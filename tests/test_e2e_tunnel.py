@@ -14,11 +14,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from meshpipe.dataplane import shard_of
 from meshpipe_workers.labnet import Lab
 from tests.netns import require_root
 
@@ -94,20 +95,31 @@ def _counters(lab: Lab, name: str) -> dict[str, Any]:
     return dict(st["counters"])
 
 
-def _iperf(lab: Lab, *client_args: str) -> dict[str, Any]:
+def _iperf(
+    lab: Lab,
+    *client_args: str,
+    seconds: int = 3,
+    during: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """iperf3 from a to d's overlay address; ``during()`` runs 2.5 s into the flow."""
     assert lab.topo is not None
     server = lab.topo.exec(
         "d", ["iperf3", "-s", "-1", "-B", _ipv6(lab, "d")], stdout=subprocess.DEVNULL
     )
     try:
         time.sleep(0.5)
-        res = lab.topo.run(
+        client = lab.topo.exec(
             "a",
-            ["iperf3", "-c", _ipv6(lab, "d"), "-t", "3", "-J", *client_args],
-            timeout=40,
+            ["iperf3", "-c", _ipv6(lab, "d"), "-t", str(seconds), "-J", *client_args],
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr
-        out: dict[str, Any] = json.loads(res.stdout)
+        if during is not None:
+            time.sleep(2.5)
+            during()
+        stdout, _ = client.communicate(timeout=seconds + 40)
+        assert client.returncode == 0, stdout[-2000:]
+        out: dict[str, Any] = json.loads(stdout)
         return out
     finally:
         server.wait(10)
@@ -124,8 +136,10 @@ def test_ping6_between_overlay_addresses_across_three_hops(lab: Lab) -> None:
         return dict(st["tunnel"]["stages"])
 
     lab.wait_for(
-        lambda: stages()["to_mesh"].get("packets", 0) >= 4
-        and stages()["from_mesh"].get("packets", 0) >= 4,
+        lambda: (
+            stages()["to_mesh"].get("packets", 0) >= 4
+            and stages()["from_mesh"].get("packets", 0) >= 4
+        ),
         5,
         "tunnel stage counters",
     )
@@ -206,3 +220,32 @@ def test_killed_tun_worker_is_restarted_and_traffic_resumes(lab: Lab) -> None:
     )
     events = [e["event"] for e in lab.log_events("a")]
     assert "worker.restarted" in events
+
+
+@pytest.mark.parametrize("node", ["a", "d"])
+def test_killed_crypto_worker_is_restarted_and_iperf3_continues(lab: Lab, node: str) -> None:
+    """SIGKILL the crypto worker that owns the a-d session (on the sender, then on the
+    receiver) in the middle of an iperf3 TCP flow: it is restarted, the session is
+    handshaken again, the tunnel streams are reset and reopened, and TCP recovers."""
+    assert lab.topo is not None
+    peer = "d" if node == "a" else "a"
+
+    def owner() -> dict[str, Any] | None:
+        st = lab.cli(node, "status") or {}
+        workers = st.get("supervisor", {}).get("workers", [])
+        crypto = sorted((w for w in workers if w["role"].startswith("crypto:")), key=_role)
+        k = shard_of(bytes.fromhex(lab.nodes[peer].sid), len(crypto))
+        return crypto[k] if crypto and crypto[k]["pid"] else None
+
+    old = owner()
+    assert old is not None
+    result = _iperf(lab, seconds=8, during=lambda: os.kill(old["pid"], signal.SIGKILL))
+    intervals = [i["sum"]["bytes"] for i in result["intervals"]]
+    assert sum(intervals[-2:]) > 0, intervals  # bytes flowed again after the kill
+    new = lab.wait_for(lambda: (w := owner()) and w["pid"] != old["pid"] and w, 10, "restart")
+    assert new["restarts"] >= old["restarts"] + 1
+    assert "worker.restarted" in [e["event"] for e in lab.log_events(node)]
+
+
+def _role(w: dict[str, Any]) -> int:
+    return int(str(w["role"]).split(":")[1])

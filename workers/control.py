@@ -597,6 +597,8 @@ class ControlWorker:
                     "counters": body.get("counters", {}),
                     "rx_queue_depth": body.get("rx_ring_depth", 0),
                     "rx_queue_dropped": body.get("rx_ring_dropped", 0),
+                    "crypto_queue_depth": body.get("crypto_ring_depth", 0),
+                    "crypto_queue_dropped": body.get("crypto_ring_dropped", 0),
                 }
             )
         for k, body in sorted(self.crypto_reports.items()):

@@ -7,6 +7,7 @@ records (forwarding tables, counters) are msgpack.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from typing import Any
@@ -42,11 +43,20 @@ _V4 = struct.Struct("!B4sH")
 _V6 = struct.Struct("!B16sH")
 
 
+@functools.lru_cache(maxsize=4096)
 def pack_addr(addr: UdpAddr) -> bytes:
+    """Cached: a node talks to few peers, and ipaddress parsing is slow per packet."""
     ip = ipaddress.ip_address(addr[0])
     if ip.version == 4:
         return _V4.pack(4, ip.packed, addr[1])
     return _V6.pack(6, ip.packed, addr[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_addr(packed: bytes) -> UdpAddr:
+    st = _V4 if packed[0] == 4 else _V6
+    _, raw, port = st.unpack(packed)
+    return str(ipaddress.ip_address(raw)), port
 
 
 def unpack_addr(buf: bytes, offset: int) -> tuple[UdpAddr, int]:
@@ -57,8 +67,8 @@ def unpack_addr(buf: bytes, offset: int) -> tuple[UdpAddr, int]:
     st = _V4 if fam == 4 else _V6 if fam == 6 else None
     if st is None or len(buf) < offset + st.size:
         raise FrameError("bad address in record")
-    _, raw, port = st.unpack_from(buf, offset)
-    return (str(ipaddress.ip_address(raw)), port), offset + st.size
+    end = offset + st.size
+    return _decode_addr(bytes(buf[offset:end])), end
 
 
 def frame_in(iface: int, addr: UdpAddr, frame: bytes) -> bytes:

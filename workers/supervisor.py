@@ -1,7 +1,7 @@
 """Supervisor: the process `meshpipe run` becomes.
 
-It creates the shared-memory rings, starts the control worker and the interface
-workers, restarts a worker that dies (logging `worker.restarted`), reports
+It creates the shared-memory rings, starts the control, interface (or radio), crypto
+and TUN workers, restarts a worker that dies (logging `worker.restarted`), reports
 readiness and watchdog pings to systemd, and tears everything down on SIGTERM.
 Rings and their eventfds belong to the supervisor, so a restarted worker simply
 attaches to the same rings again.
@@ -33,7 +33,7 @@ POLL = 0.2
 
 @dataclass
 class WorkerSpec:
-    role: str  # "control" or "interface:<name>:<k>"
+    role: str  # "control", "interface:<name>:<k>", "radio:<name>", "crypto:<k>", "tun"
     argv: list[str]
     fds: list[int]
     proc: subprocess.Popen[bytes] | None = None
