@@ -180,15 +180,18 @@ def _wait_dev(topo: Topology, name: str, dev: str) -> None:
 # -- meshpipe ------------------------------------------------------------------------------
 
 
-def run_meshpipe(rows: list[Row], lab: Lab, args: argparse.Namespace, crypto: int) -> int:
-    """Measure the tunnel with ``crypto`` crypto workers; return the idle node's total
-    RSS in bytes (node b)."""
+def run_meshpipe(
+    rows: list[Row], lab: Lab, args: argparse.Namespace, crypto: int, offload: bool = True
+) -> int:
+    """Measure the tunnel with ``crypto`` crypto workers (and TUN offloads on or off);
+    return the idle node's total RSS in bytes (node b)."""
     assert lab.topo is not None
     for n in NAMES:
         cfg = lab.nodes[n].config
         base = cfg.read_text().split(MARK)[0]
         cfg.write_text(
             f'{base}{MARK}\n[tunnel]\nenabled = true\nname = "mesh0"\n'
+            f"offload = {'true' if offload else 'false'}\n"
             f"\n[workers]\ncrypto = {crypto}\n"
         )
     lab.start_all()
@@ -202,7 +205,7 @@ def run_meshpipe(rows: list[Row], lab: Lab, args: argparse.Namespace, crypto: in
     )
     time.sleep(2.0)  # idle: measure memory before any tunnel traffic
     rss = node_rss(lab, "b")
-    measure(rows, meshpipe_system(crypto), lab.topo, addr, args)
+    measure(rows, meshpipe_system(crypto, offload), lab.topo, addr, args)
     st = lab.cli("a", "status")
     log(f"  meshpipe a: tunnel {json.dumps(st.get('tunnel', {}).get('drops', {}))}")
     for n in NAMES:
@@ -210,8 +213,8 @@ def run_meshpipe(rows: list[Row], lab: Lab, args: argparse.Namespace, crypto: in
     return rss
 
 
-def meshpipe_system(crypto: int) -> str:
-    return f"meshpipe/{crypto}cw"
+def meshpipe_system(crypto: int, offload: bool = True) -> str:
+    return f"meshpipe/{crypto}cw" + ("" if offload else "/no-offload")
 
 
 def crypto_counts(text: str) -> list[int]:
@@ -261,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--crypto", default="1,auto", help="crypto worker counts to run meshpipe with (1,auto)"
     )
+    p.add_argument(
+        "--skip-no-offload",
+        action="store_true",
+        help="skip the run with TUN offloads off (it shows what they are worth)",
+    )
     p.set_defaults(runs=3)
     args = p.parse_args(argv)
     if args.runs < 3:
@@ -287,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in counts:
             log(f"meshpipe, {k} crypto worker(s)")
             rss[k] = run_meshpipe(rows, lab, args, k)
+        if not args.skip_no_offload:  # what the TUN offloads are worth
+            log(f"meshpipe, {counts[0]} crypto worker(s), TUN offloads off")
+            run_meshpipe(rows, lab, args, counts[0], offload=False)
     rows.sort(key=lambda r: r.case)
     subject = meshpipe_system(counts[-1])
     meta = {
@@ -315,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"RTT {r / wg_r:.2f}x wireguard-go;")
         parts.append(f"idle RSS, all workers {rss[k] / 1e6:.1f} MB")
         print(" ".join(parts))
+    off = by.get(("iperf3 TCP", meshpipe_system(counts[0], offload=False)))
+    on = by.get(("iperf3 TCP", meshpipe_system(counts[0])))
+    if off and on:
+        print(f"TUN offloads (GSO/TSO): {on / off:.2f}x the throughput without them")
     return 0
 
 

@@ -182,6 +182,8 @@ class TunnelSection:
     # peers route back here): "198.18.201.1/32".
     addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
     routes: tuple[TunnelRoute, ...] = ()
+    # TUN offloads (meshpipe/offload.py): large TCP segments cross as one datagram.
+    offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -758,6 +760,7 @@ def _section_tunnel(t: _Table) -> TunnelSection:
         mtu=t.integer("mtu", TUNNEL_DEFAULT_MTU, lo=TUNNEL_MIN_MTU, hi=MAX_MTU),
         addresses=tuple(addresses),
         routes=tuple(routes),
+        offload=t.boolean("offload", True),
     )
 
 
@@ -811,7 +814,10 @@ _SECTIONS: Final[dict[str, _Section]] = {
     ),
     "discovery": _Section(_table_section(("lifetime", "refresh"), _section_discovery), False),
     "tunnel": _Section(
-        _table_section(("enabled", "name", "mtu", "addresses", "route"), _section_tunnel), False
+        _table_section(
+            ("enabled", "name", "mtu", "addresses", "route", "offload"), _section_tunnel
+        ),
+        False,
     ),
 }
 
@@ -973,6 +979,9 @@ enabled = {"true" if enabled else "false"}
 name = "mesh0"
 # MTU of the TUN device ({TUNNEL_MIN_MTU}..{MAX_MTU}); packets are fragmented to each path's MTU.
 mtu = {TUNNEL_DEFAULT_MTU}
+# Let the kernel hand over large TCP segments (up to 64 kB, GSO/TSO) and take them
+# back: far fewer packets to encrypt and send per byte.
+offload = true
 # Extra addresses for the device, e.g. an IPv4 address that peers route back here.
 # addresses = ["198.18.201.1/32"]
 # Route a prefix to a node (cryptokey routing, like WireGuard's allowed-ips): packets

@@ -71,6 +71,13 @@ from meshpipe.msp import (
     in_dataplane,
 )
 from meshpipe.node import InterfaceParams, Timing
+from meshpipe.offload import (
+    MIN_OFFLOAD_PATH_MTU,
+    OFFLOAD_MARK,
+    OffloadError,
+    segment,
+    split_message,
+)
 from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
 from meshpipe.stack import NodeStack
 from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, Tunnel
@@ -79,6 +86,9 @@ from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, Tunnel
 ShardEntry = tuple[int, LinkAddr, int]
 
 _DATA_BYTE = wire.kind_byte(wire.KIND_DATA)[0]
+_OFFLOAD = bytes((OFFLOAD_MARK,))
+# The tunnel's datagrams hold a 64 kB segment and its offload header.
+TUNNEL_MSP = MspParams(max_message=65535 + 64, dgram_partial_bytes=1 << 20)
 
 
 def shard_of(sid: bytes, count: int) -> int:
@@ -122,7 +132,11 @@ class CryptoShard:
         if tunnel_routes is not None:
             self.tunnel = Tunnel(self.sid, tunnel_routes)  # here only for the source check
             self.msp = Msp(
-                self.sid, self.path_mtu, msp_params, number_space=DATAPLANE_SPACE, rng=msp_rng
+                self.sid,
+                self.path_mtu,
+                msp_params or TUNNEL_MSP,
+                number_space=DATAPLANE_SPACE,
+                rng=msp_rng,
             )
             self.msp.listen(TUNNEL_PORT, modes=frozenset({Mode.DATAGRAM}))
 
@@ -181,13 +195,26 @@ class CryptoShard:
                 out.append(a)
         return self._finish(out)
 
-    def tun_packet(self, dst: bytes, packet: bytes, now: float) -> None:
-        """Queue an IP packet for ``dst``; it leaves at the next on_timer (one batch)."""
+    def tun_packet(self, dst: bytes, message: bytes, now: float) -> None:
+        """Queue a tunnel message (an IP packet, maybe offloaded: meshpipe/offload.py)
+        for ``dst``; it leaves at the next on_timer (one batch)."""
         if self.msp is None:
             self.counters["tunnel.drop.disabled"] += 1
             return
+        messages = [message]
+        if message[:1] == _OFFLOAD and self.path_mtu(dst) < MIN_OFFLOAD_PATH_MTU:
+            try:  # a 64 kB datagram in 250-byte fragments: one loss costs it all
+                off, packet = split_message(message)
+                assert off is not None
+                messages = segment(off, packet)
+            except OffloadError:
+                self.counters["tunnel.drop.malformed"] += 1
+                return
+            self.counters["tunnel.offload.segmented"] += 1
         try:
-            self._tunnel_stream(bytes(dst), now).send_datagram(packet, now)
+            stream = self._tunnel_stream(bytes(dst), now)
+            for m in messages:
+                stream.send_datagram(m, now)
         except StreamError:  # too many streams, a closed one, too large: drop this packet
             self.counters["tunnel.drop.stream_error"] += 1
 
@@ -263,10 +290,14 @@ class CryptoShard:
             return out
         for ev in self.msp.events():
             if isinstance(ev, StreamReadable):
-                while (packet := ev.stream.recv_datagram()) is not None:
-                    ok = self.tunnel.inbound(ev.stream.peer, packet)
-                    if ok is not None:
-                        out.append(TunWrite(ok))
+                while (message := ev.stream.recv_datagram()) is not None:
+                    try:
+                        _, packet = split_message(message)
+                    except OffloadError:
+                        self.counters["tunnel.drop.malformed"] += 1
+                        continue
+                    if self.tunnel.inbound(ev.stream.peer, packet) is not None:
+                        out.append(TunWrite(message))  # the TUN worker writes the header
             elif isinstance(ev, StreamAccepted):
                 mine = self.tunnel_streams.get(ev.stream.peer)
                 if mine is None or mine.closed:

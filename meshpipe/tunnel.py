@@ -224,8 +224,11 @@ class Tunnel:
 
     # -- the two directions ----------------------------------------------------------------
 
-    def outbound(self, packet: bytes, now: float) -> ToPeer | ToTun | None:
-        """A packet read from the TUN: where it goes (None: dropped and counted)."""
+    def outbound(self, packet: bytes, now: float, gso: bool = False) -> ToPeer | ToTun | None:
+        """A packet read from the TUN: where it goes (None: dropped and counted).
+
+        ``gso``: a large segment the kernel will cut itself (meshpipe/offload.py): it
+        may exceed the MTU."""
         try:
             h = parse_header(packet)
         except PacketError:
@@ -237,7 +240,7 @@ class Tunnel:
         if h.dst == self.own_ipv6:
             self.counters["tunnel.drop.to_self"] += 1
             return None
-        if len(packet) > self.mtu:
+        if len(packet) > self.mtu and not gso:
             self.counters["tunnel.drop.too_big"] += 1
             if h.version == 6 or h.dont_fragment:
                 return self._icmp(h, packet, now, too_big=True)

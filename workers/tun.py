@@ -42,6 +42,15 @@ from meshpipe.config import TunnelSection, load_config
 from meshpipe.dataplane import shard_of
 from meshpipe.errors import MeshpipeError
 from meshpipe.identity import overlay_ipv6
+from meshpipe.offload import (
+    VNET_HDR_LEN,
+    ZERO_HDR,
+    Offload,
+    OffloadError,
+    join_message,
+    segment,
+    split_message,
+)
 from meshpipe.tunnel import OVERLAY, TUNNEL_PORT, ToPeer, ToTun, Tunnel
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
@@ -53,8 +62,11 @@ REC_TUN_STATS = 0x54  # 'T': msgpack {"counters", "up_depth", "up_dropped", "dow
 REC_TUN_UP = 0x55  # 'U': TUN worker -> control: (re)started, send the full table
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 READ_BATCH = 256
 REPORT_PERIOD = 1.0
 MAX_PACKET = 65535
@@ -67,18 +79,26 @@ class TunError(MeshpipeError):
 # -- the TUN worker process ---------------------------------------------------------------
 
 
-def open_tun(name: str) -> int:
-    """Create TUN device ``name`` (no packet-info header); its non-blocking fd."""
+def open_tun(name: str, offload: bool = False) -> tuple[int, bool]:
+    """Create TUN device ``name`` (no packet-info header; with ``offload``, a
+    virtio_net_hdr before each packet and TCP segmentation offloads); its
+    non-blocking fd and whether the offloads are on."""
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise TunError(f"cannot open /dev/net/tun: {exc.strerror}") from None
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
     except OSError as exc:
         os.close(fd)
         raise TunError(f"cannot create TUN device {name}: {exc.strerror}") from None
-    return fd
+    if offload:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+        except OSError as exc:  # an old kernel: plain packets, still with the header
+            log.get().warning("tun.offload_unavailable", device=name, error=exc.strerror)
+    return fd, offload
 
 
 def configure_tun(tcfg: TunnelSection, own_sid: bytes) -> None:
@@ -109,8 +129,10 @@ class TunWorker:
         tcfg: TunnelSection,
         sid: bytes,
         rings: dict[str, Any],
+        vnet: bool = False,
     ) -> None:
         self.fd = fd
+        self.vnet = vnet  # every read and write starts with a virtio_net_hdr
         self.stats = Ring.attach(RingSpec.from_json(rings["stats"]))
         self.ctl = Ring.attach(RingSpec.from_json(rings["ctl"]))
         self.to_crypto = [Ring.attach(RingSpec.from_json(r)) for r in rings["to_crypto"]]
@@ -140,10 +162,21 @@ class TunWorker:
                 break
             count += 1
             nbytes += len(pkt)
-            res = self.tunnel.outbound(pkt, now)
+            off = None
+            if self.vnet:
+                try:
+                    off = Offload.parse(pkt)
+                except OffloadError:
+                    self.counters["tun.drop.malformed"] += 1
+                    continue
+                pkt = pkt[VNET_HDR_LEN:]
+                if off.gso:
+                    self.counters["tun.read.large_segments"] += 1
+            res = self.tunnel.outbound(pkt, now, gso=off is not None and off.gso)
             if isinstance(res, ToPeer):
+                message = join_message(off, res.packet)
                 out[shard_of(res.sid, n)].append(
-                    msg.sid_record(msg.REC_TUN_TO_PEER, res.sid, res.packet)
+                    msg.sid_record(msg.REC_TUN_TO_PEER, res.sid, message)
                 )
             elif isinstance(res, ToTun):
                 back.append(res.packet)
@@ -157,7 +190,7 @@ class TunWorker:
                 if sent < len(recs):
                     self.counters["tun.drop.up_queue_full"] += len(recs) - sent
         for pkt in back:
-            self._write(pkt)
+            self._write(ZERO_HDR + pkt if self.vnet else pkt)
 
     def on_down(self, ring: Ring) -> None:
         for batch in ring.drain():
@@ -165,7 +198,21 @@ class TunWorker:
                 if not rec or rec[0] != REC_TUN_PACKET:
                     self.counters["tun.drop.bad_record"] += 1
                     continue
-                self._write(memoryview(rec)[1:])
+                self._write_message(rec[1:])
+
+    def _write_message(self, message: bytes) -> None:
+        """A tunnel message from the mesh: with its offload header as the device wants it."""
+        try:
+            off, packet = split_message(message)
+            if self.vnet:
+                self._write((ZERO_HDR if off is None else off.pack()) + packet)
+            elif off is None:
+                self._write(packet)
+            else:  # a large segment, and this device cannot take it: cut it here
+                for p in segment(off, packet):
+                    self._write(p)
+        except OffloadError:
+            self.counters["tun.drop.malformed"] += 1
 
     def _write(self, packet: bytes | memoryview) -> None:
         try:
@@ -236,15 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(node=a.sid[:8], role="tun", level=cfg.node.log_level)
     rings = json.loads(a.rings)
     try:
-        fd = open_tun(cfg.tunnel.name)
+        fd, vnet = open_tun(cfg.tunnel.name, cfg.tunnel.offload)
         configure_tun(cfg.tunnel, sid)
     except (MeshpipeError, OSError) as exc:
         log.get().error("tun.start_failed", device=cfg.tunnel.name, error=str(exc))
         return 3
     log.get().info(
-        "tun.start", device=cfg.tunnel.name, mtu=cfg.tunnel.mtu, ipv6=str(overlay_ipv6(sid))
+        "tun.start",
+        device=cfg.tunnel.name,
+        mtu=cfg.tunnel.mtu,
+        ipv6=str(overlay_ipv6(sid)),
+        offload=vnet,
     )
-    TunWorker(fd, cfg.tunnel, sid, rings).run()
+    TunWorker(fd, cfg.tunnel, sid, rings, vnet).run()
     os.close(fd)
     return 0
 
