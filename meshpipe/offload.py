@@ -104,13 +104,14 @@ def segment(off: Offload, packet: bytes) -> list[bytes]:
     v4 = kind == GSO_TCPV4
     if not packet or packet[0] >> 4 != (4 if v4 else 6):
         raise OffloadError("offload type does not match the IP version")
+    ip_len = (packet[0] & 0x0F) * 4 if v4 else 40
+    if ip_len < 20 or len(packet) < ip_len + 20:
+        raise OffloadError("IP or TCP header truncated")
     if v4:
-        ip_len = (packet[0] & 0x0F) * 4
         proto, src, dst = packet[9], packet[12:16], packet[16:20]
     else:
-        ip_len = 40
         proto, src, dst = packet[6], packet[8:24], packet[24:40]
-    if proto != _TCP or len(packet) < ip_len + 20:
+    if proto != _TCP:
         raise OffloadError("a large segment that is not plain TCP")
     tcp_len = (packet[ip_len + 12] >> 4) * 4
     head = ip_len + tcp_len

@@ -41,8 +41,14 @@ restarted and lost its keys). A side that received data and sent nothing for
 ``keepalive_timeout`` sends an empty keepalive, so the peer's detector stays quiet.
 
 Nothing here raises on input from the network: every bad packet is dropped and
-counted, and no unauthenticated packet is ever answered. Handshake inits are rate
-limited per claimed source and globally before any public-key operation.
+counted, and no unauthenticated packet is ever answered, with one exception: a
+transport packet from a peer we hold no keys for means that we restarted (a crypto
+worker was restarted) while the peer kept its keys; rather than wait for the peer's
+liveness timer, we start a handshake to the claimed source at once, at most once per
+``rekey_timeout`` per peer and within a global rate (``session.handshake.restart_probe``).
+The handshake goes to the claimed SID's own key, so a forged source gains nothing.
+Handshake inits are rate limited per claimed source and globally before any
+public-key operation.
 
 Counters (``SessionManager.counters``, stable names):
 
@@ -53,7 +59,7 @@ Counters (``SessionManager.counters``, stable names):
   ``.too_many_peers``, ``.bad_destination``, ``.too_large``, ``.internal_error``;
 * handshakes: ``session.handshake.init_tx``, ``.retry``, ``.init_rx`` (accepted),
   ``.resp_tx``, ``.resp_rx`` (completed as initiator), ``.confirmed`` (completed as
-  responder), ``.tie_won``, ``.tie_lost``, ``.failed``;
+  responder), ``.tie_won``, ``.tie_lost``, ``.failed``, ``.restart_probe``;
 * ``session.established``, ``session.rekeyed``, ``session.expired``,
   ``session.peer_silent`` (the restart detector fired), ``session.queued``,
   ``session.keepalive.tx``, ``session.keepalive.rx``, ``session.tx.packets``,
@@ -293,6 +299,10 @@ class SessionManager:
         self._init_ts: dict[bytes, int] = {}  # greatest accepted init timestamp per peer
         self._buckets: dict[bytes, TokenBucket] = {}
         self._global = TokenBucket(self.params.global_init_rate, self.params.global_init_burst, now)
+        self._probe_bucket = TokenBucket(
+            self.params.global_init_rate, self.params.global_init_burst, now
+        )
+        self._probed: dict[bytes, float] = {}  # peer -> last restart probe
         self._deadline = math.inf
 
     # -- public entry points -----------------------------------------------------------
@@ -687,6 +697,7 @@ class SessionManager:
         kp = self._by_index.get(receiver_index)
         if not isinstance(kp, _Keypair):
             self.counters["session.drop.unknown_index"] += 1
+            self._restart_probe(src, now, out)
             return
         peer = kp.peer
         if src != peer.sid:
@@ -735,6 +746,25 @@ class SessionManager:
             >= max(p.rekey_after_time, p.reject_after_time - p.keepalive_timeout - p.rekey_timeout)
         ):
             self._start_handshake(peer, now, out)
+
+    def _restart_probe(self, src: bytes, now: float, out: list[SessionOut]) -> None:
+        """The sender holds keys we lost: handshake now (see the module docstring)."""
+        peer = self._peers.get(src)
+        if peer is not None and (peer.current is not None or peer.pending is not None):
+            return  # a stale packet of an old session, or a handshake is running
+        last = self._probed.get(src)
+        if last is not None and now < last + self.params.rekey_timeout:
+            return
+        if not self._probe_bucket.take(now):
+            return
+        peer = self._peer(src, now)
+        if peer is None:
+            return
+        if len(self._probed) >= self.params.max_peers:
+            self._probed.clear()
+        self._probed[src] = now
+        self.counters["session.handshake.restart_probe"] += 1
+        self._start_handshake(peer, now, out)
 
     # -- peers and timers --------------------------------------------------------------
 

@@ -241,10 +241,22 @@ def test_killed_crypto_worker_is_restarted_and_iperf3_continues(lab: Lab, node: 
     assert old is not None
     result = _iperf(lab, seconds=8, during=lambda: os.kill(old["pid"], signal.SIGKILL))
     intervals = [i["sum"]["bytes"] for i in result["intervals"]]
-    assert sum(intervals[-2:]) > 0, intervals  # bytes flowed again after the kill
+    # Bytes flowed again after the kill (the counters say why not, if they did not).
+    assert sum(intervals[-2:]) > 0, (intervals, _crypto_counters(lab))
     new = lab.wait_for(lambda: (w := owner()) and w["pid"] != old["pid"] and w, 10, "restart")
     assert new["restarts"] >= old["restarts"] + 1
     assert "worker.restarted" in [e["event"] for e in lab.log_events(node)]
+
+
+def _crypto_counters(lab: Lab) -> dict[str, Any]:
+    out = {}
+    for name in ("a", "d"):
+        st = lab.cli(name, "status") or {}
+        for w in st.get("workers", []):
+            if w["role"] == "crypto" and w.get("sessions"):
+                c = w["counters"]
+                out[name] = {k: v for k, v in c.items() if k.startswith(("session.", "msp."))}
+    return out
 
 
 def _role(w: dict[str, Any]) -> int:

@@ -52,6 +52,7 @@ from meshpipe_workers.txrings import FrameSender, flush_batches
 
 REPORT_PERIOD = 1.0
 REPORT_SOON = 0.05  # after a session event: the CLI's `sessions` should see it at once
+TABLE_WAIT = 2.0  # at start, wait this long at most for the forwarding table
 
 
 def _attach(spec: dict[str, Any]) -> Ring:
@@ -89,6 +90,7 @@ class CryptoWorker:
         self.up: list[bytes] = []  # REC_OPENED for the control worker
         self.down: list[bytes] = []  # REC_TUN_PACKET for the TUN worker
         self.report_at = now + REPORT_PERIOD
+        self.have_table = False
 
     # -- inputs --------------------------------------------------------------------
 
@@ -121,6 +123,7 @@ class CryptoWorker:
                 for dst, e in body["entries"].items()
             }
             self.shard.set_forwarding(entries, bool(body.get("full")))
+            self.have_table = self.have_table or bool(body.get("full"))
         else:
             self.counters["crypto.drop.bad_record"] += 1
 
@@ -194,6 +197,16 @@ class CryptoWorker:
             sel.register(ring.consumer_fd(), selectors.EVENT_READ, (ring, handle))
         self.to_control.put(bytes((msg.REC_CRYPTO_UP, self.index)))
         self.log.info("crypto.start", index=self.index, count=self.count)
+        # A restarted worker finds its peers' packets queued; without the table its
+        # first answers (the handshakes that recover the sessions) would have no route.
+        waiting = selectors.DefaultSelector()
+        waiting.register(self.from_control.consumer_fd(), selectors.EVENT_READ)
+        deadline = time.monotonic() + TABLE_WAIT
+        while not self.have_table and time.monotonic() < deadline:
+            self._drain(self.from_control, self.on_control)
+            if not self.have_table:
+                waiting.select(0.05)
+        waiting.close()
         for ring, handle in handlers:  # records queued while this worker was down
             self._drain(ring, handle)
         stop = StopFlag()

@@ -33,6 +33,16 @@ from meshpipe_workers.stopflag import StopFlag
 
 RECV_BATCH = 256
 COUNTER_PERIOD = 1.0
+# UDP segmentation offload (Linux >= 4.18) and its receive side (>= 5.0): a run of
+# equal-sized frames to one peer leaves in one sendmsg() and, across a veth or a NIC
+# that keeps the large packet, arrives in one recvmsg(), cut here. The kernel's
+# limits: at most 64 segments and 64 kB per call.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _DATA_BYTE = (wire.WIRE_VERSION << 4) | wire.KIND_DATA
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux <netinet/in.h>
 
@@ -49,6 +59,7 @@ class InterfaceWorker:
         reuse_port: bool,
         crypto_tx: list[Ring] | None = None,
         to_crypto: list[Ring] | None = None,
+        offload: bool = True,
     ) -> None:
         self.cfg = cfg
         self.iface = iface_index
@@ -62,6 +73,8 @@ class InterfaceWorker:
         self.forwarding: dict[bytes, tuple[int, msg.UdpAddr]] = {}
         self.log = log.get()
         self.sock = self._open_unicast(reuse_port)
+        self.gso = offload and _try_option(self.sock, UDP_SEGMENT, 0)
+        self.gro = offload and _try_option(self.sock, UDP_GRO, 1)
         self.mcast_sock: socket.socket | None = None
         self.group: msg.UdpAddr | None = None
         if cfg.discovery:
@@ -127,9 +140,15 @@ class InterfaceWorker:
         up: list[bytes] = []
         n = len(self.to_crypto)
         data: list[list[bytes]] = [[] for _ in range(n)]
+        gro = self.gro and sock is self.sock
         for _ in range(RECV_BATCH):
             try:
-                frame, addr = sock.recvfrom(65535)
+                if gro:
+                    buf, anc, _flags, addr = sock.recvmsg(65535, _GRO_CMSG_SPACE)
+                    frames = _cut(buf, anc)
+                else:
+                    buf, addr = sock.recvfrom(65535)
+                    frames = [buf]
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # ICMP errors surface here on some kernels
@@ -137,16 +156,19 @@ class InterfaceWorker:
                 if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     self.log.warning("interface.rx_error", error=str(exc))
                 continue
-            self.counters["rx.frames"] += 1
-            self.counters["rx.bytes"] += len(frame)
+            self.counters["rx.frames"] += len(frames)
+            self.counters["rx.bytes"] += len(buf)
+            if len(frames) > 1:
+                self.counters["rx.gro_reads"] += 1
             src = (addr[0], addr[1])
-            if self._forward_transit(frame):
-                continue
-            rec = msg.frame_in(self.iface, src, frame)
-            if n and len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
-                data[shard_of(frame[34:66], n)].append(rec)
-            else:
-                up.append(rec)
+            for frame in frames:
+                if self._forward_transit(frame):
+                    continue
+                rec = msg.frame_in(self.iface, src, frame)
+                if n and len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
+                    data[shard_of(frame[34:66], n)].append(rec)
+                else:
+                    up.append(rec)
         if up:
             sent = self.rx.put_batch(up)
             if sent < len(up):
@@ -188,9 +210,60 @@ class InterfaceWorker:
             self.counters["tx.error"] += 1
 
     def on_tx_ring(self, ring: Ring) -> None:
+        """Send a ring's records; runs of frames to one peer go out with UDP GSO."""
         for batch in ring.drain():
+            run: list[bytes] = []
+            run_addr: msg.UdpAddr | None = None
+            run_bytes = 0
             for rec in batch:
-                self._handle_tx(rec)
+                if rec[:1] != _SEND_TAG or not self.gso:
+                    self._send_run(run_addr, run)
+                    run, run_addr, run_bytes = [], None, 0
+                    self._handle_tx(rec)
+                    continue
+                try:
+                    addr, frame = msg.parse_send(rec)
+                except Exception:
+                    self.counters["drop.bad_record"] += 1
+                    continue
+                # One GSO send: one peer, equal sizes (only the last may be shorter).
+                if run and (
+                    addr != run_addr
+                    or len(frame) > len(run[0])
+                    or len(run[-1]) < len(run[0])
+                    or len(run) >= GSO_MAX_SEGMENTS
+                    or run_bytes + len(frame) > GSO_MAX_BYTES
+                ):
+                    self._send_run(run_addr, run)
+                    run, run_bytes = [], 0
+                run.append(frame)
+                run_addr = addr
+                run_bytes += len(frame)
+            self._send_run(run_addr, run)
+
+    def _send_run(self, addr: msg.UdpAddr | None, frames: list[bytes]) -> None:
+        if addr is None or not frames:
+            return
+        if len(frames) == 1 or not self.gso:
+            for f in frames:
+                self._sendto(f, addr)
+            return
+        seg = struct.pack("=H", len(frames[0]))
+        try:
+            self.sock.sendmsg([b"".join(frames)], [(SOL_UDP, UDP_SEGMENT, seg)], 0, addr)
+        except (BlockingIOError, InterruptedError):
+            self.counters["drop.tx_busy"] += len(frames)
+            return
+        except OSError as exc:
+            # EIO/EINVAL: this device or path cannot segment; send one by one from now on.
+            self.gso = False
+            self.log.warning("interface.gso_off", error=str(exc))
+            for f in frames:
+                self._sendto(f, addr)
+            return
+        self.counters["tx.frames"] += len(frames)
+        self.counters["tx.bytes"] += sum(len(f) for f in frames)
+        self.counters["tx.gso_sends"] += 1
 
     def _handle_tx(self, rec: bytes) -> None:
         tag = rec[0] if rec else -1
@@ -253,6 +326,28 @@ class InterfaceWorker:
             if time.monotonic() >= next_report:
                 self.report_counters()
                 next_report = time.monotonic() + COUNTER_PERIOD
+
+
+_SEND_TAG = bytes((msg.REC_SEND,))
+
+
+def _try_option(sock: socket.socket, option: int, value: int) -> bool:
+    """Set a SOL_UDP option; False where the kernel does not know it."""
+    try:
+        sock.setsockopt(SOL_UDP, option, value)
+    except OSError:
+        return False
+    return True
+
+
+def _cut(buf: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams in a GRO read: ``buf`` in pieces of the size the kernel reports."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+            size = int.from_bytes(data[:4], sys.byteorder)
+            if 0 < size < len(buf):
+                return [buf[i : i + size] for i in range(0, len(buf), size)]
+    return [buf]
 
 
 def device_of(ip: str) -> str | None:
