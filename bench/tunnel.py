@@ -181,10 +181,15 @@ def _wait_dev(topo: Topology, name: str, dev: str) -> None:
 
 
 def run_meshpipe(
-    rows: list[Row], lab: Lab, args: argparse.Namespace, crypto: int, offload: bool = True
+    rows: list[Row],
+    lab: Lab,
+    args: argparse.Namespace,
+    crypto: int,
+    offload: bool = True,
+    udp_offload: bool = True,
 ) -> int:
-    """Measure the tunnel with ``crypto`` crypto workers (and TUN offloads on or off);
-    return the idle node's total RSS in bytes (node b)."""
+    """Measure the tunnel with ``crypto`` crypto workers (TUN offloads and UDP GSO/GRO
+    on or off); return the idle node's total RSS in bytes (node b)."""
     assert lab.topo is not None
     for n in NAMES:
         cfg = lab.nodes[n].config
@@ -192,7 +197,7 @@ def run_meshpipe(
         cfg.write_text(
             f'{base}{MARK}\n[tunnel]\nenabled = true\nname = "mesh0"\n'
             f"offload = {'true' if offload else 'false'}\n"
-            f"\n[workers]\ncrypto = {crypto}\n"
+            f"\n[workers]\ncrypto = {crypto}\nudp_offload = {str(udp_offload).lower()}\n"
         )
     lab.start_all()
     lab.wait_for(lambda: lab.route("a", "b") is not None, 30, "a's route to b")
@@ -205,7 +210,7 @@ def run_meshpipe(
     )
     time.sleep(2.0)  # idle: measure memory before any tunnel traffic
     rss = node_rss(lab, "b")
-    measure(rows, meshpipe_system(crypto, offload), lab.topo, addr, args)
+    measure(rows, meshpipe_system(crypto, offload, udp_offload), lab.topo, addr, args)
     st = lab.cli("a", "status")
     log(f"  meshpipe a: tunnel {json.dumps(st.get('tunnel', {}).get('drops', {}))}")
     for n in NAMES:
@@ -213,8 +218,12 @@ def run_meshpipe(
     return rss
 
 
-def meshpipe_system(crypto: int, offload: bool = True) -> str:
-    return f"meshpipe/{crypto}cw" + ("" if offload else "/no-offload")
+def meshpipe_system(crypto: int, offload: bool = True, udp_offload: bool = True) -> str:
+    return (
+        f"meshpipe/{crypto}cw"
+        + ("" if offload else "/no-tun-offload")
+        + ("" if udp_offload else "/no-udp-gso")
+    )
 
 
 def crypto_counts(text: str) -> list[int]:
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--skip-no-offload",
         action="store_true",
-        help="skip the run with TUN offloads off (it shows what they are worth)",
+        help="skip the runs with TUN offloads and UDP GSO/GRO off (what they are worth)",
     )
     p.set_defaults(runs=3)
     args = p.parse_args(argv)
@@ -295,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in counts:
             log(f"meshpipe, {k} crypto worker(s)")
             rss[k] = run_meshpipe(rows, lab, args, k)
-        if not args.skip_no_offload:  # what the TUN offloads are worth
+        if not args.skip_no_offload:  # what the Linux offloads are worth
             log(f"meshpipe, {counts[0]} crypto worker(s), TUN offloads off")
             run_meshpipe(rows, lab, args, counts[0], offload=False)
+            log(f"meshpipe, {counts[0]} crypto worker(s), UDP GSO/GRO off")
+            run_meshpipe(rows, lab, args, counts[0], udp_offload=False)
     rows.sort(key=lambda r: r.case)
     subject = meshpipe_system(counts[-1])
     meta = {
@@ -326,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"RTT {r / wg_r:.2f}x wireguard-go;")
         parts.append(f"idle RSS, all workers {rss[k] / 1e6:.1f} MB")
         print(" ".join(parts))
-    off = by.get(("iperf3 TCP", meshpipe_system(counts[0], offload=False)))
     on = by.get(("iperf3 TCP", meshpipe_system(counts[0])))
-    if off and on:
-        print(f"TUN offloads (GSO/TSO): {on / off:.2f}x the throughput without them")
+    for what, system in (
+        ("TUN offloads (TSO)", meshpipe_system(counts[0], offload=False)),
+        ("UDP GSO/GRO", meshpipe_system(counts[0], udp_offload=False)),
+    ):
+        off = by.get(("iperf3 TCP", system))
+        if off and on:
+            print(f"{what}: {on / off:.2f}x the throughput without them ({counts[0]} cw)")
     return 0
 
 

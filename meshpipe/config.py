@@ -86,6 +86,8 @@ class NodeSection:
 class WorkersSection:
     per_interface: int = 1  # "auto" is resolved to the number of cores
     crypto: int = 1
+    # UDP segmentation offload and its receive side (GSO/GRO) in the interface workers.
+    udp_offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -443,6 +445,7 @@ def _section_workers(t: _Table) -> WorkersSection:
     return WorkersSection(
         per_interface=t.count_or_auto("per_interface", 1),
         crypto=t.count_or_auto("crypto", "auto"),
+        udp_offload=t.boolean("udp_offload", True),
     )
 
 
@@ -796,7 +799,9 @@ _SECTIONS: Final[dict[str, _Section]] = {
     "node": _Section(
         _table_section(("key", "control_socket", "name", "log_level"), _section_node), True
     ),
-    "workers": _Section(_table_section(("per_interface", "crypto"), _section_workers), False),
+    "workers": _Section(
+        _table_section(("per_interface", "crypto", "udp_offload"), _section_workers), False
+    ),
     "timing": _Section(
         _table_section(
             ("hello_interval", "neighbour_timeout", "update_interval", "route_expiry"),
@@ -936,8 +941,12 @@ log_level = "info"
 # Interface worker processes per interface, sharing its UDP port (SO_REUSEPORT):
 # an integer >= 1, or "auto" for one per CPU core.
 per_interface = 1
-# Crypto worker processes (encryption and decryption): an integer >= 1 or "auto".
+# Crypto worker processes (sessions, encryption, decryption): an integer >= 1 or
+# "auto" for one per CPU core. Each owns the sessions of a share of the peers.
 crypto = "auto"
+# Send runs of frames to one peer with one system call and receive them the same
+# way (UDP GSO/GRO, Linux >= 5.0); off only to compare.
+udp_offload = true
 
 [timing]
 # Protocol timers in seconds; the defaults suit most links.

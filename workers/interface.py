@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             reuse_port=cfg.workers.per_interface > 1,
             crypto_tx=dtx,
             to_crypto=drx,
+            offload=cfg.workers.udp_offload,
         )
     except OSError as exc:
         log.get().error(
