@@ -259,6 +259,7 @@ class _Peer:
     rx_bytes: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
+    deadline: float = math.inf  # _peer_deadline, as of the last recompute
 
     def keypairs(self) -> list[_Keypair]:
         return [k for k in (self.previous, self.current, self.next) if k is not None]
@@ -311,24 +312,31 @@ class SessionManager:
         """Encrypt ``plaintext`` for ``dst``; start a handshake (and queue) if needed."""
         self._now = now
         out: list[SessionOut] = []
+        dst = bytes(dst)
+        peers = len(self._peers)
         try:
-            self._send(bytes(dst), bytes(plaintext), now, out)
+            self._send(dst, bytes(plaintext), now, out)
         except Exception as exc:  # a bug costs one packet, never the node
             self.counters["session.drop.internal_error"] += 1
             out.append(Event("session.error", {"error": repr(exc), "where": "send"}))
-        self._recompute_deadline()
+        self._update_deadline(dst, peers)
         return out
 
     def on_packet(self, src: bytes, data: bytes, now: float) -> list[SessionOut]:
         """A DATA payload for this node, claimed to come from ``src``."""
         self._now = now
         out: list[SessionOut] = []
+        src = bytes(src)
+        peers = len(self._peers)
         try:
-            self._on_packet(bytes(src), bytes(data), now, out)
+            self._on_packet(src, bytes(data), now, out)
         except Exception as exc:
             self.counters["session.drop.internal_error"] += 1
             out.append(Event("session.error", {"error": repr(exc), "where": "on_packet"}))
-        self._recompute_deadline()
+        if data[:1] == bytes((TYPE_TRANSPORT,)):
+            self._update_deadline(src, peers)
+        else:  # handshakes are rare: look at every peer
+            self._recompute_deadline()
         return out
 
     def on_timer(self, now: float) -> list[SessionOut]:
@@ -857,9 +865,25 @@ class SessionManager:
         return d
 
     def _recompute_deadline(self) -> None:
-        self._deadline = min(
-            (self._peer_deadline(p) for p in self._peers.values()), default=math.inf
-        )
+        d = math.inf
+        for p in self._peers.values():
+            p.deadline = self._peer_deadline(p)
+            d = min(d, p.deadline)
+        self._deadline = d
+
+    def _update_deadline(self, sid: bytes, peers_before: int) -> None:
+        """After a send or a packet that touched only peer ``sid``: O(1) instead of a
+        scan of every peer per packet, unless peers came or went or the earliest
+        deadline moved later."""
+        peer = self._peers.get(sid)
+        if peer is None or len(self._peers) != peers_before:
+            self._recompute_deadline()
+            return
+        old, peer.deadline = peer.deadline, self._peer_deadline(peer)
+        if peer.deadline <= self._deadline:
+            self._deadline = peer.deadline
+        elif old <= self._deadline:  # it was (one of) the earliest: look again
+            self._recompute_deadline()
 
 
 __all__ = [
