@@ -21,7 +21,9 @@ the owning shard, and takes ``Opened`` plaintexts back. Inputs of a shard:
 - :meth:`CryptoShard.seal`, :meth:`CryptoShard.open`: from the control worker;
 - :meth:`CryptoShard.on_frame`: a DATA frame straight from an interface worker, for
   this node (opened here) or in transit (forwarded, never opened);
-- :meth:`CryptoShard.tun_packet`: an IP packet the TUN worker mapped to a SID.
+- :meth:`CryptoShard.outbound` maps a packet read from the TUN to its SID
+  (cryptokey routing) and :meth:`CryptoShard.tun_packet` sends it on that peer's
+  tunnel stream (the worker reads its own TUN queue; see workers/tun.py).
 
 Outputs: ``SendFrame``, ``Opened``, ``TunWrite`` and ``Event`` actions.
 
@@ -80,7 +82,8 @@ from meshpipe.offload import (
 )
 from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
 from meshpipe.stack import NodeStack
-from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, Tunnel
+from meshpipe.tunnel import DEFAULT_MTU as TUNNEL_DEFAULT_MTU
+from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, ToPeer, ToTun, Tunnel
 
 # What the control worker pushes per destination: interface, next hop, path MTU.
 ShardEntry = tuple[int, LinkAddr, int]
@@ -111,6 +114,7 @@ class CryptoShard:
         random_bytes: Callable[[int], bytes] | None = None,
         tunnel_routes: Sequence[tuple[IPNetwork, bytes]] | None = None,
         msp_params: MspParams | None = None,
+        tunnel_mtu: int = TUNNEL_DEFAULT_MTU,
     ) -> None:
         self.sid = bytes(identity.sid)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -130,7 +134,10 @@ class CryptoShard:
         self.msp: Msp | None = None
         self.tunnel_streams: dict[bytes, Stream] = {}  # peer SID -> the stream we send on
         if tunnel_routes is not None:
-            self.tunnel = Tunnel(self.sid, tunnel_routes)  # here only for the source check
+            # Cryptokey routing both ways; the known SIDs are the pushed table's.
+            self.tunnel = Tunnel(
+                self.sid, tunnel_routes, tunnel_mtu, lambda: self.fwd.table.keys(), now
+            )
             self.msp = Msp(
                 self.sid,
                 self.path_mtu,
@@ -194,6 +201,13 @@ class CryptoShard:
             else:
                 out.append(a)
         return self._finish(out)
+
+    def outbound(self, packet: bytes, now: float, gso: bool = False) -> ToPeer | ToTun | None:
+        """A packet read from the TUN: the SID it goes to, an ICMP error, or None."""
+        if self.tunnel is None:
+            self.counters["tunnel.drop.disabled"] += 1
+            return None
+        return self.tunnel.outbound(packet, now, gso)
 
     def tun_packet(self, dst: bytes, message: bytes, now: float) -> None:
         """Queue a tunnel message (an IP packet, maybe offloaded: meshpipe/offload.py)

@@ -43,7 +43,7 @@ from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
 from meshpipe_workers.services import Services
 from meshpipe_workers.stopflag import StopFlag
 from meshpipe_workers.streams import StreamHub, reset_reason
-from meshpipe_workers.tun import REC_TUN_STATS, REC_TUN_UP, tunnel_status
+from meshpipe_workers.tun import tunnel_status
 from meshpipe_workers.txrings import FrameSender, flush_batches
 
 STATS_PERIOD = 30.0
@@ -273,11 +273,7 @@ class ControlWorker:
         self.mirror = ForwardingMirror()
         self.frames = FrameSender(cfg, self.tx, self.counters)
         self._pending: dict[Ring, list[bytes]] = {}  # records for the crypto workers
-        self.tun_ctl: Ring | None = None
-        self.tun_report: dict[str, Any] = {}
-        if "tunnel" in rings:
-            self.tun_ctl = Ring.attach(RingSpec.from_json(rings["tunnel"]["ctl"]))
-            self._listen(Ring.attach(RingSpec.from_json(rings["tunnel"]["stats"])))
+
         self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
         self.hub = StreamHub(self.sel, time.monotonic)
         # Exposed services, forwards, SOCKS and the exit (workers/services.py).
@@ -319,10 +315,6 @@ class ControlWorker:
                 self.crypto_reports[int(body["index"])] = body
             elif tag == msg.REC_CRYPTO_UP:
                 self._push_to_shards(dict(self.mirror.table), full=True, only=rec[1])
-            elif tag == REC_TUN_STATS:
-                self.tun_report = msg.unpacked(rec)
-            elif tag == REC_TUN_UP and self.tun_ctl is not None:
-                self._push_forwarding(self.core.forwarding_table(), full=True, only=self.tun_ctl)
             elif tag == msg.REC_SUPERVISOR:
                 self.supervisor_state = msg.unpacked(rec)
             else:
@@ -394,8 +386,6 @@ class ControlWorker:
         }
         rec = msg.packed(msg.REC_FORWARDING, body)
         rings = [only] if only is not None else [r for rs in self.tx.values() for r in rs]
-        if only is None and self.tun_ctl is not None:
-            rings.append(self.tun_ctl)  # the TUN worker maps overlay addresses to known SIDs
         for ring in rings:
             if not ring.put(rec):
                 self.counters["drop.tx_queue_full"] += 1
@@ -614,10 +604,9 @@ class ControlWorker:
                     "in_queue_dropped": body.get("in_queue_dropped", 0),
                 }
             )
-        counters.update(self.tun_report.get("counters", {}))
         tunnel = None
-        if self.tun_ctl is not None:
-            tunnel = tunnel_status(self.cfg.tunnel, counters, self.tun_report, self.crypto_reports)
+        if self.cfg.tunnel.enabled:
+            tunnel = tunnel_status(self.cfg.tunnel, counters, self.crypto_reports)
         return {
             **self.api_id(),
             **({"tunnel": tunnel} if tunnel is not None else {}),

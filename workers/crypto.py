@@ -14,7 +14,9 @@ Rings (all single-producer single-consumer, made by the supervisor):
 - from every UDP interface worker: ``REC_FRAME_IN`` with DATA frames of peers in this
   shard, for this node or in transit to another interface; to every interface (and
   radio) worker: ``REC_SEND`` / ``REC_RADIO_SEND``;
-- with ``[tunnel]``: from the TUN worker ``REC_TUN_TO_PEER``, to it ``REC_TUN_PACKET``.
+- with ``[tunnel]``: its own queue of the TUN device (workers/tun.py), read and
+  written here; a packet read for a peer of another shard goes to that worker as
+  ``REC_TUN_TO_PEER`` on a ring between the two (one per ordered pair).
 
 Each input ring is drained in batches; everything a batch causes leaves as one
 batch per output ring. A full ring drops (counted), never blocks. Killed, the worker
@@ -41,13 +43,16 @@ from typing import Any
 from meshpipe import log
 from meshpipe.actions import Action, Event, Opened, SendFrame, TunWrite
 from meshpipe.config import Config, load_config
-from meshpipe.dataplane import CryptoShard
+from meshpipe.dataplane import CryptoShard, shard_of
+from meshpipe.errors import MeshpipeError
 from meshpipe.identity import Identity
+from meshpipe.offload import join_message
+from meshpipe.tunnel import ToPeer, ToTun
 from meshpipe_workers import messages as msg
 from meshpipe_workers.coreparams import interface_params
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
-from meshpipe_workers.tun import REC_TUN_PACKET
+from meshpipe_workers.tun import TunQueue, open_queue
 from meshpipe_workers.txrings import FrameSender, flush_batches
 
 REPORT_PERIOD = 1.0
@@ -77,6 +82,7 @@ class CryptoWorker:
             tunnel_routes=[(r.prefix, r.via) for r in cfg.tunnel.routes]
             if cfg.tunnel.enabled
             else None,
+            tunnel_mtu=cfg.tunnel.mtu,
         )
         self.from_control = _attach(rings["from_control"])
         self.to_control = _attach(rings["to_control"])
@@ -85,10 +91,15 @@ class CryptoWorker:
         for t in rings["to_ifaces"]:
             tx.setdefault(int(t["iface"]), []).append(_attach(t["ring"]))
         self.sender = FrameSender(cfg, tx, self.counters)
-        self.from_tun = _attach(rings["from_tun"]) if "from_tun" in rings else None
-        self.to_tun = _attach(rings["to_tun"]) if "to_tun" in rings else None
+        # Packets read from our TUN queue for peers of other shards, and theirs for ours.
+        self.to_peers = {int(k): _attach(v) for k, v in rings.get("to_peers", {}).items()}
+        self.from_peers = [_attach(r) for r in rings.get("from_peers", [])]
+        self.tun: TunQueue | None = None
+        if cfg.tunnel.enabled:
+            fd = open_queue(cfg.tunnel.name, cfg.tunnel.offload)
+            self.tun = TunQueue(fd, cfg.tunnel.offload, self.counters)
         self.up: list[bytes] = []  # REC_OPENED for the control worker
-        self.down: list[bytes] = []  # REC_TUN_PACKET for the TUN worker
+        self.handoff: dict[int, list[bytes]] = {}  # REC_TUN_TO_PEER per other worker
         self.report_at = now + REPORT_PERIOD
         self.have_table = False
 
@@ -134,12 +145,33 @@ class CryptoWorker:
         _iface, _addr, frame = msg.parse_frame_in(rec)
         self._execute(self.shard.on_frame(frame, now))
 
-    def on_tun(self, rec: bytes, now: float) -> None:
+    def on_peer(self, rec: bytes, now: float) -> None:
+        """A packet another worker read from its TUN queue for one of our peers."""
         if rec[:1] != bytes((msg.REC_TUN_TO_PEER,)):
             self.counters["crypto.drop.bad_record"] += 1
             return
-        dst, packet = msg.parse_sid_record(rec)
-        self.shard.tun_packet(dst, packet, now)  # sent by the on_timer after the batch
+        dst, message = msg.parse_sid_record(rec)
+        self.shard.tun_packet(dst, message, now)  # sent by the on_timer after the batch
+
+    def on_tun(self) -> None:
+        """Read our TUN queue: our peers' packets are sent, others' handed over."""
+        assert self.tun is not None
+        now = time.monotonic()
+        for off, pkt in self.tun.read_batch():
+            res = self.shard.outbound(pkt, now, gso=off is not None and off.gso)
+            if isinstance(res, ToPeer):
+                message = join_message(off, res.packet)
+                k = shard_of(res.sid, self.count)
+                if k == self.index:
+                    self.shard.tun_packet(res.sid, message, now)
+                else:
+                    rec = msg.sid_record(msg.REC_TUN_TO_PEER, res.sid, message)
+                    self.handoff.setdefault(k, []).append(rec)
+            elif isinstance(res, ToTun):
+                self.tun.write_packet(res.packet)
+        if self.shard.next_deadline() <= now:
+            self._execute(self.shard.on_timer(now))
+        self._flush()
 
     # -- outputs -------------------------------------------------------------------
 
@@ -148,7 +180,8 @@ class CryptoWorker:
             if isinstance(a, SendFrame):
                 self.sender.queue(a)
             elif isinstance(a, TunWrite):
-                self.down.append(bytes((REC_TUN_PACKET,)) + a.packet)
+                if self.tun is not None:
+                    self.tun.write_message(a.packet)
             elif isinstance(a, Opened):
                 self.up.append(msg.sid_hops_record(msg.REC_OPENED, a.src, a.hops, a.plaintext))
             elif isinstance(a, Event):
@@ -161,17 +194,15 @@ class CryptoWorker:
         pending: dict[Ring, list[bytes]] = {}
         if self.up:
             pending[self.to_control] = self.up
-        if self.down and self.to_tun is not None:
-            pending[self.to_tun] = self.down
+        for k, recs in self.handoff.items():
+            pending[self.to_peers[k]] = recs
         flush_batches(pending, self.counters, "crypto.drop.queue_full")
-        self.up, self.down = [], []
+        self.up, self.handoff = [], {}
 
     def report(self, now: float) -> None:
         counters = self.shard.all_counters()
         counters.update(self.counters)
-        inputs = [self.from_control, *self.from_ifaces]
-        if self.from_tun is not None:
-            inputs.append(self.from_tun)
+        inputs = [self.from_control, *self.from_ifaces, *self.from_peers]
         body = {
             "index": self.index,
             "counters": dict(counters),
@@ -191,8 +222,7 @@ class CryptoWorker:
             (self.from_control, self.on_control),
             *((r, self.on_iface) for r in self.from_ifaces),
         ]
-        if self.from_tun is not None:
-            handlers.append((self.from_tun, self.on_tun))
+        handlers.extend((r, self.on_peer) for r in self.from_peers)
         for ring, handle in handlers:
             sel.register(ring.consumer_fd(), selectors.EVENT_READ, (ring, handle))
         self.to_control.put(bytes((msg.REC_CRYPTO_UP, self.index)))
@@ -209,11 +239,16 @@ class CryptoWorker:
         waiting.close()
         for ring, handle in handlers:  # records queued while this worker was down
             self._drain(ring, handle)
+        if self.tun is not None:  # only now: packets read need the table to be routed
+            sel.register(self.tun.fd, selectors.EVENT_READ, None)
         stop = StopFlag()
         while not stop:
             now = time.monotonic()
             wake = min(self.shard.next_deadline(), self.report_at)
             for key, _ in sel.select(max(0.0, min(wake - now, 1.0))):
+                if key.data is None:
+                    self.on_tun()
+                    continue
                 ring, handle = key.data
                 self._drain(ring, handle)
             now = time.monotonic()
@@ -241,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config)
     identity = Identity.load(cfg.node.key)
     log.configure(node=identity.sid.short, role=f"crypto:{a.index}", level=cfg.node.log_level)
-    CryptoWorker(cfg, identity, a.index, a.count, json.loads(a.rings)).run()
+    try:
+        worker = CryptoWorker(cfg, identity, a.index, a.count, json.loads(a.rings))
+    except MeshpipeError as exc:  # e.g. the TUN device cannot be attached
+        log.get().error("crypto.start_failed", index=a.index, error=str(exc))
+        return 3
+    worker.run()
     return 0
 
 

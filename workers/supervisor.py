@@ -67,8 +67,9 @@ class Supervisor:
         - interface worker (i, k): rx/tx with the control worker; per crypto worker c
           a ``dtx`` ring (c sends frames) and, for UDP, a ``drx`` ring (DATA frames
           of c's shard); a radio sends everything up to the control worker;
-        - crypto worker c: to/from the control worker, to/from the TUN worker;
-        - TUN worker: ``stats`` up and ``ctl`` down with the control worker.
+        - crypto worker c: to/from the control worker; with the tunnel, one ring to
+          every other crypto worker (packets its TUN queue read for their peers).
+        The TUN worker only owns the device: no rings.
         """
         py = sys.executable
         sid = str(self.identity.sid)
@@ -125,20 +126,19 @@ class Supervisor:
             "supervisor": self.to_control.spec.to_dict(),
             "crypto": [],
         }
-        tun_rings: dict[str, Any] = {"to_crypto": [], "from_crypto": []}
         if tunnel:
-            stats, ctl = self._ring(), self._ring()
-            tun_rings.update(stats=stats.spec.to_dict(), ctl=ctl.spec.to_dict())
-            control_rings["tunnel"] = {"stats": stats.spec.to_dict(), "ctl": ctl.spec.to_dict()}
+            for c in range(n_crypto):
+                crypto[c].update(to_peers={}, from_peers=[])
+            for c in range(n_crypto):
+                for k in range(n_crypto):
+                    if k != c:
+                        handoff = self._ring()
+                        crypto[c]["to_peers"][str(k)] = handoff.spec.to_dict()
+                        crypto[k]["from_peers"].append(handoff.spec.to_dict())
         for c in range(n_crypto):
             to, frm = self._ring(), self._ring()
             control_rings["crypto"].append({"to": to.spec.to_dict(), "from": frm.spec.to_dict()})
             crypto[c].update(from_control=to.spec.to_dict(), to_control=frm.spec.to_dict())
-            if tunnel:
-                up, down = self._ring(), self._ring()
-                tun_rings["to_crypto"].append(up.spec.to_dict())
-                tun_rings["from_crypto"].append(down.spec.to_dict())
-                crypto[c].update(from_tun=up.spec.to_dict(), to_tun=down.spec.to_dict())
             self.workers.append(
                 WorkerSpec(
                     role=f"crypto:{c}",
@@ -170,10 +170,8 @@ class Supervisor:
                         self.config_path,
                         "--sid",
                         sid,
-                        "--rings",
-                        json.dumps(tun_rings),
                     ],
-                    fds=_fds(tun_rings),
+                    fds=[],
                 )
             )
         self.workers.insert(
