@@ -26,7 +26,8 @@ handshaken again and their tunnel streams reset and reopened.
 Counters (in its report, so in ``meshpipe status --json`` under ``workers`` and
 merged into ``counters``): the shard's (see meshpipe/dataplane.py) and
 ``crypto.rx.records``, ``crypto.drop.bad_record``, ``drop.tx_queue_full`` (an
-interface worker's ring), ``crypto.drop.queue_full`` (the control or TUN worker's).
+interface worker's ring), ``crypto.drop.queue_full`` (the control worker's or another
+crypto worker's).
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ REC_OPEN = 0x4F  # 'O': control -> crypto: src SID 32, u8 hops, session packet
 REC_OPENED = 0x6F  # 'o': crypto -> control: src SID 32, u8 hops, plaintext
 REC_CRYPTO_UP = 0x43  # 'C': crypto -> control: u8 index; asks for the full table
 REC_CRYPTO_REPORT = 0x6B  # 'k': crypto -> control: msgpack counters, sessions, queues
-# TUN worker -> crypto worker
-REC_TUN_TO_PEER = 0x58  # 'X': dst SID 32, IP packet
+# crypto worker -> crypto worker (a packet its TUN queue read for the other's peer)
+REC_TUN_TO_PEER = 0x58  # 'X': dst SID 32, tunnel message (meshpipe/offload.py)
 
 UdpAddr = tuple[str, int]
 
