@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import selectors
 import sys
 import time
@@ -45,7 +46,6 @@ from meshpipe import log
 from meshpipe.actions import Action, Event, Opened, SendFrame, TunWrite
 from meshpipe.config import Config, load_config
 from meshpipe.dataplane import CryptoShard, shard_of
-from meshpipe.errors import MeshpipeError
 from meshpipe.identity import Identity
 from meshpipe.offload import join_message
 from meshpipe.tunnel import ToPeer, ToTun
@@ -53,12 +53,13 @@ from meshpipe_workers import messages as msg
 from meshpipe_workers.coreparams import interface_params
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
-from meshpipe_workers.tun import TunQueue, open_queue
+from meshpipe_workers.tun import TunError, TunQueue, open_queue
 from meshpipe_workers.txrings import FrameSender, flush_batches
 
 REPORT_PERIOD = 1.0
 REPORT_SOON = 0.05  # after a session event: the CLI's `sessions` should see it at once
 TABLE_WAIT = 2.0  # at start, wait this long at most for the forwarding table
+TUN_RETRY = 5.0  # a TUN queue that could not be attached is tried again this often
 
 
 def _attach(spec: dict[str, Any]) -> Ring:
@@ -95,10 +96,9 @@ class CryptoWorker:
         # Packets read from our TUN queue for peers of other shards, and theirs for ours.
         self.to_peers = {int(k): _attach(v) for k, v in rings.get("to_peers", {}).items()}
         self.from_peers = [_attach(r) for r in rings.get("from_peers", [])]
+        self.tcfg = cfg.tunnel
         self.tun: TunQueue | None = None
-        if cfg.tunnel.enabled:
-            fd = open_queue(cfg.tunnel.name, cfg.tunnel.offload)
-            self.tun = TunQueue(fd, cfg.tunnel.offload, self.counters)
+        self.tun_retry_at = now if cfg.tunnel.enabled else math.inf
         self.up: list[bytes] = []  # REC_OPENED for the control worker
         self.handoff: dict[int, list[bytes]] = {}  # REC_TUN_TO_PEER per other worker
         self.report_at = now + REPORT_PERIOD
@@ -240,12 +240,12 @@ class CryptoWorker:
         waiting.close()
         for ring, handle in handlers:  # records queued while this worker was down
             self._drain(ring, handle)
-        if self.tun is not None:  # only now: packets read need the table to be routed
-            sel.register(self.tun.fd, selectors.EVENT_READ, None)
         stop = StopFlag()
         while not stop:
             now = time.monotonic()
-            wake = min(self.shard.next_deadline(), self.report_at)
+            if now >= self.tun_retry_at:  # only now: packets read need the table
+                self._attach_tun(sel, now)
+            wake = min(self.shard.next_deadline(), self.report_at, self.tun_retry_at)
             for key, _ in sel.select(max(0.0, min(wake - now, 1.0))):
                 if key.data is None:
                     self.on_tun()
@@ -260,6 +260,21 @@ class CryptoWorker:
                 self.report(now)
                 self.report_at = now + REPORT_PERIOD
         self.log.info("crypto.stop", index=self.index)
+
+    def _attach_tun(self, sel: selectors.BaseSelector, now: float) -> None:
+        """Attach our TUN queue. Without one (no CAP_NET_ADMIN, say) the node still
+        works, tunnel aside: log it and try again later instead of exiting."""
+        try:
+            fd = open_queue(self.tcfg.name, self.tcfg.offload)
+        except TunError as exc:
+            if self.counters["tun.attach_failed"] == 0:
+                self.log.error("crypto.tun_unavailable", device=self.tcfg.name, error=str(exc))
+            self.counters["tun.attach_failed"] += 1
+            self.tun_retry_at = now + TUN_RETRY
+            return
+        self.tun = TunQueue(fd, self.tcfg.offload, self.counters)
+        sel.register(fd, selectors.EVENT_READ, None)
+        self.tun_retry_at = math.inf
 
 
 def _link_addr(e: list[Any]) -> Any:
@@ -277,12 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config)
     identity = Identity.load(cfg.node.key)
     log.configure(node=identity.sid.short, role=f"crypto:{a.index}", level=cfg.node.log_level)
-    try:
-        worker = CryptoWorker(cfg, identity, a.index, a.count, json.loads(a.rings))
-    except MeshpipeError as exc:  # e.g. the TUN device cannot be attached
-        log.get().error("crypto.start_failed", index=a.index, error=str(exc))
-        return 3
-    worker.run()
+    CryptoWorker(cfg, identity, a.index, a.count, json.loads(a.rings)).run()
     return 0
 
 
