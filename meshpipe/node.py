@@ -224,7 +224,6 @@ class NodeCore:
             now + self.rng.random() * timing.jitter * t.hello_interval for t in self.iface_timing
         ]
         self.fwd = Forwarder(self.sid, [p.mtu for p in self.interfaces], self.counters)
-        self._fwd = self.fwd.table  # the same dict: routing writes it, Forwarder reads it
         self._dirty: dict[bytes, None] = {}  # ordered set, for deterministic replays
         self.fwd_generation = 0  # bumped whenever the forwarding table changes
         self._frame_seq = self.rng.randrange(SEQNO_MOD)  # routing frame counter
@@ -319,11 +318,11 @@ class NodeCore:
         )
 
     def forwarding_table(self) -> dict[bytes, tuple[int, LinkAddr]]:
-        return dict(self._fwd)
+        return dict(self.fwd.table)
 
     def next_hop(self, dst: bytes) -> tuple[int, LinkAddr] | None:
         """(interface, link address) towards ``dst``; no copy of the table."""
-        return self._fwd.get(bytes(dst))
+        return self.fwd.table.get(bytes(dst))
 
     # -- frames --------------------------------------------------------------------------
 
@@ -450,12 +449,12 @@ class NodeCore:
         changes: dict[bytes, tuple[int, LinkAddr] | None] = {}
         for dst in dirty:
             new = self._forwarding_entry(dst)
-            if new != self._fwd.get(dst):
+            if new != self.fwd.table.get(dst):
                 changes[dst] = new
                 if new is None:
-                    del self._fwd[dst]
+                    del self.fwd.table[dst]
                 else:
-                    self._fwd[dst] = new
+                    self.fwd.table[dst] = new
         if changes:
             self.fwd_generation += 1
             out.append(ForwardingChanged(changes))

@@ -365,11 +365,7 @@ class ControlWorker:
         """Next hop and path MTU per destination for the crypto workers."""
         if not entries and not full:
             return
-        body = {
-            "full": full,
-            "entries": {dst: None if e is None else _hop_json(e) for dst, e in entries.items()},
-        }
-        rec = msg.packed(msg.REC_FORWARDING, body)
+        rec = msg.forwarding(entries, full)
         rings = self.to_crypto if only is None else self.to_crypto[only : only + 1]
         for ring in rings:
             if not ring.put(rec):
@@ -378,13 +374,7 @@ class ControlWorker:
     def _push_forwarding(
         self, entries: dict[bytes, Any], full: bool, only: Ring | None = None
     ) -> None:
-        body = {
-            "full": full,
-            "entries": {
-                dst: None if hop is None else _hop_json(hop) for dst, hop in entries.items()
-            },
-        }
-        rec = msg.packed(msg.REC_FORWARDING, body)
+        rec = msg.forwarding(entries, full)
         rings = [only] if only is not None else [r for rs in self.tx.values() for r in rs]
         for ring in rings:
             if not ring.put(rec):
@@ -672,14 +662,6 @@ class ControlWorker:
         self.services.close()
         self.server.close()
         self.log.info("control.stop")
-
-
-def _hop_json(hop: Any) -> list[Any]:
-    """A next hop on a ring: [iface, host, port(, path MTU)]. A radio next hop (an
-    int) rides as [iface, "", addr]: UDP workers parse it and never use it."""
-    link = hop[1]
-    head = [hop[0], "", link] if isinstance(link, int) else [hop[0], link[0], link[1]]
-    return head + list(hop[2:])
 
 
 def _port(value: Any) -> int:

@@ -129,18 +129,14 @@ class CryptoWorker:
             src, hops, packet = msg.parse_sid_hops_record(rec)
             self._execute(self.shard.open(src, packet, hops, now))
         elif tag == msg.REC_FORWARDING:
-            body = msg.unpacked(rec)
-            entries = {
-                bytes(dst): None if e is None else (int(e[0]), _link_addr(e), int(e[3]))
-                for dst, e in body["entries"].items()
-            }
-            self.shard.set_forwarding(entries, bool(body.get("full")))
-            self.have_table = self.have_table or bool(body.get("full"))
+            full, entries = msg.parse_forwarding(rec)
+            self.shard.set_forwarding(entries, full)
+            self.have_table = self.have_table or full
         else:
             self.counters["crypto.drop.bad_record"] += 1
 
     def on_iface(self, rec: bytes, now: float) -> None:
-        if rec[:1] != bytes((msg.REC_FRAME_IN,)):
+        if rec[0] != msg.REC_FRAME_IN:
             self.counters["crypto.drop.bad_record"] += 1
             return
         _iface, _addr, frame = msg.parse_frame_in(rec)
@@ -148,7 +144,7 @@ class CryptoWorker:
 
     def on_peer(self, rec: bytes, now: float) -> None:
         """A packet another worker read from its TUN queue for one of our peers."""
-        if rec[:1] != bytes((msg.REC_TUN_TO_PEER,)):
+        if rec[0] != msg.REC_TUN_TO_PEER:
             self.counters["crypto.drop.bad_record"] += 1
             return
         dst, message = msg.parse_sid_record(rec)
@@ -275,11 +271,6 @@ class CryptoWorker:
         self.tun = TunQueue(fd, self.tcfg.offload, self.counters)
         sel.register(fd, selectors.EVENT_READ, None)
         self.tun_retry_at = math.inf
-
-
-def _link_addr(e: list[Any]) -> Any:
-    """A pushed next hop: [iface, host, port, mtu]; a radio's host is "" (port = address)."""
-    return int(e[2]) if e[1] == "" else (str(e[1]), int(e[2]))
 
 
 def main(argv: list[str] | None = None) -> int:

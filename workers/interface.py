@@ -275,14 +275,14 @@ class InterfaceWorker:
                 if self.group is not None:
                     self._sendto(rec[1:], self.group)
             elif tag == msg.REC_FORWARDING:
-                body = msg.unpacked(rec)
-                if body.get("full"):
+                full, entries = msg.parse_forwarding(rec)
+                if full:
                     self.forwarding.clear()
-                for dst, hop in body["entries"].items():
-                    if hop is None:
+                for dst, e in entries.items():
+                    if e is not None and isinstance(e[1], tuple):
+                        self.forwarding[dst] = (e[0], e[1])
+                    else:  # removed, or a radio next hop (never this interface)
                         self.forwarding.pop(dst, None)
-                    else:
-                        self.forwarding[dst] = (int(hop[0]), (str(hop[1]), int(hop[2])))
             else:
                 self.counters["drop.bad_record"] += 1
         except Exception as exc:  # a bad record must not kill the data plane

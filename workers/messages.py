@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -91,6 +92,36 @@ def parse_send(rec: bytes) -> tuple[UdpAddr, bytes]:
 
 def multicast(frame: bytes) -> bytes:
     return bytes((REC_MULTICAST,)) + frame
+
+
+def forwarding(entries: Mapping[bytes, Sequence[Any] | None], full: bool) -> bytes:
+    """REC_FORWARDING: per destination its next hop ``(iface, link address[, path
+    MTU])`` or None (removed). A radio link address (an int) rides as ``[iface, "",
+    addr]``; UDP ones as ``[iface, host, port]``."""
+
+    def hop(e: Sequence[Any]) -> list[Any]:
+        link = e[1]
+        head = [e[0], "", link] if isinstance(link, int) else [e[0], link[0], link[1]]
+        return head + list(e[2:])
+
+    body = {"full": full, "entries": {d: None if e is None else hop(e) for d, e in entries.items()}}
+    return packed(REC_FORWARDING, body)
+
+
+ForwardingEntry = tuple[int, UdpAddr | int, int]  # iface, link address, path MTU (0: none)
+
+
+def parse_forwarding(rec: bytes) -> tuple[bool, dict[bytes, ForwardingEntry | None]]:
+    """(full table?, entries) of a REC_FORWARDING record."""
+    body = unpacked(rec)
+    entries: dict[bytes, ForwardingEntry | None] = {}
+    for dst, e in body["entries"].items():
+        if e is None:
+            entries[bytes(dst)] = None
+            continue
+        link: UdpAddr | int = int(e[2]) if e[1] == "" else (str(e[1]), int(e[2]))
+        entries[bytes(dst)] = (int(e[0]), link, int(e[3]) if len(e) > 3 else 0)
+    return bool(body.get("full")), entries
 
 
 def worker_up(iface: int, worker: int) -> bytes:

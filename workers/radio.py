@@ -329,16 +329,14 @@ class RadioWorker:
             elif tag == msg.REC_MULTICAST:
                 self.enqueue(kiss.RADIO_BROADCAST, rec[1:])
             elif tag == msg.REC_FORWARDING:
-                body = msg.unpacked(rec)
-                if body.get("full"):
+                full, entries = msg.parse_forwarding(rec)
+                if full:
                     self.forwarding.clear()
-                for dst, hop in body["entries"].items():
-                    if hop is None:
-                        self.forwarding.pop(dst, None)
-                    elif int(hop[0]) == self.iface:
-                        self.forwarding[dst] = (int(hop[0]), int(hop[2]))
+                for sid, e in entries.items():
+                    if e is not None and e[0] == self.iface and isinstance(e[1], int):
+                        self.forwarding[sid] = (e[0], e[1])
                     else:
-                        self.forwarding.pop(dst, None)
+                        self.forwarding.pop(sid, None)
             else:
                 self.counters["drop.bad_record"] += 1
         except Exception as exc:  # a bad record must not kill the data plane
