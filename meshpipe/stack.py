@@ -29,6 +29,7 @@ updates. API: ``announce_service``, ``withdraw_service``, ``query_services``,
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import struct
@@ -124,16 +125,17 @@ class NodeStack:
         session_rng = random.Random(self.core.rng.getrandbits(64))
         # Sharded: the sessions live in crypto shards (meshpipe/dataplane.py); this
         # stack emits Seal/Open actions for them and takes their plaintexts back
-        # through on_opened().
-        self.sharded = sharded
-        self.session = SessionManager(
-            identity,
-            now,
-            session_rng,
-            epoch_ns,
-            session_params,
-            random_bytes=random_bytes if random_bytes is not None else os.urandom,
-        )
+        # through on_opened(); it holds no session (None).
+        self.session: SessionManager | None = None
+        if not sharded:
+            self.session = SessionManager(
+                identity,
+                now,
+                session_rng,
+                epoch_ns,
+                session_params,
+                random_bytes=random_bytes if random_bytes is not None else os.urandom,
+            )
         self.mdp = Mdp(echo=echo)
         # A sharded stack runs in a worker that may be restarted: random stream numbers.
         msp_rng = random.Random(session_rng.getrandbits(64)) if sharded else None
@@ -178,7 +180,7 @@ class NodeStack:
         out: list[Action] = []
         if now >= self.core.next_deadline():
             out = self._process(self.core.on_timer(now), now)
-        if now >= self.session.next_deadline():
+        if self.session is not None and now >= self.session.next_deadline():
             self._session_outs(self.session.on_timer(now), 0, now, out)
         if now >= self.discovery.next_deadline():
             out.extend(self._discovery_outs(self.discovery.on_timer(now)))
@@ -198,7 +200,7 @@ class NodeStack:
     def next_deadline(self) -> float:
         return min(
             self.core.next_deadline(),
-            self.session.next_deadline(),
+            math.inf if self.session is None else self.session.next_deadline(),
             self.discovery.next_deadline(),
             *(p.next_deadline() for p in self._protocols.values()),
         )
@@ -343,6 +345,8 @@ class NodeStack:
     # -- pass-through --------------------------------------------------------------------
 
     def sessions(self, now: float | None = None) -> list[dict[str, Any]]:
+        if self.session is None:
+            return []  # they are in the crypto shards
         return self.session.sessions(self._now if now is None else now)
 
     def routes(self) -> list[RouteInfo]:
@@ -360,7 +364,7 @@ class NodeStack:
         merged: collections.Counter[str] = collections.Counter()
         for c in (
             self.core.counters,
-            self.session.counters,
+            collections.Counter() if self.session is None else self.session.counters,
             self.mdp.counters,
             self.discovery.counters,
             self.msp.counters,
@@ -374,9 +378,9 @@ class NodeStack:
     def _process(self, actions: Sequence[Action], now: float) -> list[Action]:
         out: list[Action] = []
         for a in actions:
-            if isinstance(a, Deliver) and self.sharded:
+            if isinstance(a, Deliver) and self.session is None:
                 out.append(Open(a.src, a.payload, a.hops))
-            elif isinstance(a, Deliver):
+            elif isinstance(a, Deliver) and self.session is not None:
                 try:
                     outs = self.session.on_packet(a.src, a.payload, now)
                     self._session_outs(outs, a.hops, now, out)
@@ -405,7 +409,7 @@ class NodeStack:
         if dst == self.sid:  # loopback: no session with ourselves
             self._on_plaintext(self.sid, plaintext, 0, now, out)
             return
-        if self.sharded:
+        if self.session is None:
             out.append(Seal(dst, plaintext))
             return
         self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)
