@@ -29,6 +29,7 @@ from meshpipe.noise import (
     NoiseError,
     NonceError,
     UnsupportedProtocolError,
+    VectorMismatch,
     check_vector,
     check_vectors,
     parse_protocol_name,
@@ -126,6 +127,22 @@ def test_cli_counts_failures_and_skips(tmp_path: Path, vectors: list[dict[str, A
     proc = _run_cli(only_skipped)
     assert proc.stdout.strip().splitlines()[-1] == "0 passed, 0 failed"
     assert proc.returncode != 0  # nothing checked is not a pass
+
+
+def test_vector_without_handshake_hash_is_checked(vectors: list[dict[str, Any]]) -> None:
+    """handshake_hash is optional in the format: a vector without it still passes, and
+    a damaged message in such a vector still fails."""
+    good = next(v for v in vectors if v["protocol_name"] == PROTOCOL_IK)
+    bare = {k: v for k, v in good.items() if k != "handshake_hash"}
+    assert "handshake_hash" in good and "handshake_hash" not in bare
+    check_vector(bare)
+    report = check_vectors([bare])
+    assert (report.passed, report.failed) == (1, 0)
+    msgs = [dict(m) for m in bare["messages"]]
+    last = msgs[-1]["ciphertext"]
+    msgs[-1]["ciphertext"] = last[:-2] + ("00" if last[-2:] != "00" else "01")
+    with pytest.raises(VectorMismatch):
+        check_vector(dict(bare, messages=msgs))
 
 
 # -- handshakes ----------------------------------------------------------------------
