@@ -49,6 +49,7 @@ from meshpipe.actions import (
     SendFrame,
 )
 from meshpipe.identity import Identity, Sid
+from meshpipe.link.neighbours import INFINITY
 from meshpipe.mdp import (
     ECHO_PORT,
     PROTO_MDP,
@@ -61,6 +62,7 @@ from meshpipe.msp import PROTO_MSP, Msp, MspParams
 from meshpipe.node import InterfaceParams, NeighbourInfo, NodeCore, RouteInfo, Timing
 from meshpipe.services.discovery import (
     AttrValue,
+    DiscoveryLimits,
     DiscoveryOut,
     DiscoveryTiming,
     ServiceDiscovery,
@@ -117,6 +119,7 @@ class NodeStack:
         inbox_limit: int = 1024,
         echo: bool = True,
         discovery_timing: DiscoveryTiming | None = None,
+        discovery_limits: DiscoveryLimits | None = None,
         msp_params: MspParams | None = None,
         sharded: bool = False,
     ) -> None:
@@ -157,6 +160,8 @@ class NodeStack:
             clock_offset=epoch_ns / 1e9 - now if epoch_ns else 0.0,
             mtu=min(p.mtu for p in self.core.interfaces),
             timing=discovery_timing,
+            limits=discovery_limits,
+            route_metric=self._route_metric,
         )
 
     @property
@@ -331,6 +336,12 @@ class NodeStack:
 
     def services(self, now: float | None = None) -> list[dict[str, Any]]:
         return self.discovery.services(self._now if now is None else now)
+
+    def _route_metric(self, origin: bytes) -> int | None:
+        """Our routing metric to ``origin`` (None without a usable route): services
+        are ranked by it, never by the unsigned hop count a record carries."""
+        sel = self.core.router.selected.get(bytes(origin))
+        return None if sel is None or sel.metric >= INFINITY else sel.metric
 
     def _discovery_outs(self, outs: Sequence[DiscoveryOut]) -> list[Action]:
         out: list[Action] = list(self.discovery.drain_events())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 from meshpipe import wire
 from meshpipe.actions import BROADCAST
@@ -41,6 +42,17 @@ TIMING = DiscoveryTiming(lifetime=LIFETIME, refresh=REFRESH, startup_query=None)
 DISC = wire.kind_byte(wire.KIND_DISCOVERY)
 
 
+def discovery_stack(identity: Identity, name: str, timing: DiscoveryTiming, **kw: Any) -> NodeStack:
+    """A NodeStack on one broadcast sim interface, seeded by its name."""
+    return NodeStack(
+        identity,
+        [InterfaceParams("sim", flood_dest=BROADCAST)],
+        rng=random.Random(name),
+        discovery_timing=timing,
+        **kw,
+    )
+
+
 class Mesh:
     def __init__(self, seed: int = 7, record: bool = False) -> None:
         self.sim = SimMesh(seed=seed, record_frames=record)
@@ -50,15 +62,7 @@ class Mesh:
             n: Identity.from_seed(f"d{seed}-{n}".encode().ljust(32, b".")) for n in self.names
         }
         for n in self.names:
-            self.sim.add_node(
-                n,
-                NodeStack(
-                    self.ids[n],
-                    [InterfaceParams("sim", flood_dest=BROADCAST)],
-                    rng=random.Random(n),
-                    discovery_timing=TIMING,
-                ),
-            )
+            self.sim.add_node(n, discovery_stack(self.ids[n], n, TIMING))
         edges: set[tuple[int, int]] = set()
         for i in range(1, N):  # a random spanning tree keeps it connected
             edges.add((rng.randrange(i), i))

@@ -29,8 +29,26 @@ Y = bytes([3]) * 32
 Z = bytes([4]) * 32
 
 
-def row(name: str, sid: bytes, port: int, hops: int, age: float = 1.0, kind: str = "tcp") -> Any:
-    return {"name": name, "sid": sid.hex(), "port": port, "kind": kind, "hops": hops, "age": age}
+def row(
+    name: str,
+    sid: bytes,
+    port: int,
+    hops: int,
+    age: float = 1.0,
+    kind: str = "tcp",
+    metric: int | str | None = "hops",
+) -> Any:
+    """A services() row; by default the routing metric agrees with the claimed hops."""
+    m = hops * 256 if metric == "hops" else metric
+    return {
+        "name": name,
+        "sid": sid.hex(),
+        "port": port,
+        "kind": kind,
+        "hops": hops,
+        "age": age,
+        "metric": m,
+    }
 
 
 def test_parse_target() -> None:
@@ -67,6 +85,26 @@ def test_pick_exits_orders_by_hops_and_puts_deniers_last() -> None:
     assert pick_exits(rows, OWN) == [(Y, PROXY_PORT), (X, PROXY_PORT)]
     assert pick_exits(rows, OWN, avoid={Y}) == [(X, PROXY_PORT), (Y, PROXY_PORT)]
     assert pick_exits([], OWN) == []
+
+
+def test_far_node_claiming_hops_zero_does_not_win() -> None:
+    """The unsigned ``hops`` is ignored: the routing metric to the origin decides, and
+    an origin we have no route to comes last."""
+    liar = Z
+    rows = [
+        row("web", X, 11, 2, metric=600),
+        row("web", liar, 66, 0, metric=3000),  # claims to be here, is 10+ hops away
+        row("web", Y, 12, 0, metric=None),  # no route at all
+    ]
+    assert pick_service(rows, "web", None, OWN) == (X, 11)
+    exits = [
+        row("exit", liar, PROXY_PORT, 0, kind=PROXY_KIND, metric=3000),
+        row("exit", Y, PROXY_PORT, 0, kind=PROXY_KIND, metric=None),
+        row("exit", X, PROXY_PORT, 5, kind=PROXY_KIND, metric=700),
+    ]
+    assert pick_exits(exits, OWN) == [(X, PROXY_PORT), (liar, PROXY_PORT), (Y, PROXY_PORT)]
+    # Only unreachable offers: still tried (a route may come), never preferred.
+    assert pick_service([row("web", Y, 12, 0, metric=None)], "web", None, OWN) == (Y, 12)
 
 
 def test_connect_reply() -> None:

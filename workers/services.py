@@ -284,6 +284,15 @@ class Exposed:
         }
 
 
+def _check_sid_text(text: str) -> None:
+    """A typed @SID / --via: a whole SID (64 hex characters) or a prefix of 8 or more."""
+    t = text.strip().lower()
+    if len(t) < 8 or len(t) > 64 or not all(c in "0123456789abcdef" for c in t):
+        raise ServicesError(
+            f"{text!r}: want a whole SID (64 hex characters) or a prefix of 8+ hex characters"
+        )
+
+
 @dataclass
 class Listener:
     """A local TCP port of a forward (``kind`` "forward") or a SOCKS endpoint ("socks")."""
@@ -294,6 +303,10 @@ class Listener:
     service: str | None = None  # forward: the service name
     sid: str | None = None  # forward: @SID as typed; socks: --via (None: auto)
     port: int | None = None  # forward: MSP port given with --port
+    # The whole SID ``sid`` stands for: given whole, or the node a prefix first
+    # resolved to. Fixed from then on, so a node that later makes up a key with the
+    # same prefix cannot take the forward over.
+    pinned: bytes | None = None
     active: int = 0
     total: int = 0
     failed: int = 0
@@ -304,6 +317,7 @@ class Listener:
             "listen": format_hostport(self.listen),
             "service": self.service,
             "sid": self.sid,
+            "pinned": None if self.pinned is None else self.pinned.hex(),
             "port": self.port,
             "active": self.active,
             "total": self.total,
@@ -496,6 +510,7 @@ class Services:
                 "port": r["port"],
                 "kind": r["kind"],
                 "hops": r["hops"],
+                "metric": r["metric"],
                 "age": round(r["age"], 1),
                 "expires": None if r["expires"] is None else round(r["expires"], 1),
                 "local": r["hops"] == 0,
@@ -595,8 +610,8 @@ class Services:
         port = req.get("port")
         if port is not None and (not isinstance(port, int) or not 1 <= port <= 65535):
             raise ServicesError(f"MSP port must be 1-65535, not {port!r}")
-        if target.sid is not None and len(target.sid) < 8:
-            raise ServicesError("a SID prefix needs at least 8 hex characters")
+        if target.sid is not None:
+            _check_sid_text(target.sid)
         lst = self._add_listener(
             Listener("forward", _listen_socket(listen), listen, target.name, target.sid, port)
         )
@@ -643,19 +658,31 @@ class Services:
             else:
                 self._socks_conn(conn, lst)
 
+    def _pin(self, lst: Listener, now: float) -> bytes | None:
+        """The whole SID of ``lst``'s @SID / --via: resolved once, then kept."""
+        if lst.pinned is None and lst.sid is not None:
+            try:
+                lst.pinned = bytes(resolve_sid(lst.sid, self._all_known(now)))
+            except MeshpipeError:
+                return None
+            self.log.info(
+                "forward.pinned",
+                kind=lst.kind,
+                listen=format_hostport(lst.listen),
+                sid=lst.pinned.hex(),
+            )
+        return lst.pinned
+
     def _resolve_forward(self, lst: Listener, now: float) -> tuple[bytes, int] | None:
         assert lst.service is not None
-        rows = self.core.services(now)
         sid: bytes | None = None
         if lst.sid is not None:
-            known = self.known_sids() | {bytes.fromhex(r["sid"]) for r in rows}
-            try:
-                sid = bytes(resolve_sid(lst.sid, known))
-            except MeshpipeError:
+            sid = self._pin(lst, now)
+            if sid is None:
                 return None
             if lst.port is not None:
                 return sid, lst.port
-        return pick_service(rows, lst.service, sid, self.own)
+        return pick_service(self.core.services(now), lst.service, sid, self.own)
 
     def _forward_conn(self, conn: socket.socket, lst: Listener, now: float) -> None:
         found = self._resolve_forward(lst, now)
@@ -714,9 +741,13 @@ class Services:
             via = None
         elif not isinstance(via, str) or len(via) < 8:
             raise ServicesError("--via takes a SID (or a prefix of 8+ hex characters) or auto")
+        else:
+            _check_sid_text(via)
         lst = self._add_listener(Listener("socks", _listen_socket(listen), listen, sid=via))
         if via is None:
             self._query(PROXY_NAME, self.now())
+        else:
+            self._pin(lst, self.now())
         info = lst.as_json()
         self.log.info("socks.listen", listen=info["listen"], via=via or "auto")
         return info
@@ -766,11 +797,9 @@ class Services:
             sc.listener.failed += 1
 
     def _socks_start(self, sc: SocksConn, now: float) -> None:
-        via = sc.listener.sid
-        if via is not None:
-            try:
-                sid = bytes(resolve_sid(via, self._all_known(now)))
-            except MeshpipeError:
+        if sc.listener.sid is not None:
+            sid = self._pin(sc.listener, now)
+            if sid is None:
                 self._socks_end(sc, socks5.REP_NETWORK_UNREACHABLE)
                 return
             sc.candidates = [(sid, PROXY_PORT)]

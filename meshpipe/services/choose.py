@@ -2,7 +2,8 @@
 
 Which node and MSP port a ``forward NAME[@SID]`` goes to, which exits ``socks --via
 auto`` tries and in what order, and how a failed TCP connect at an exit becomes a
-SOCKS5 reply code. Inputs are the rows of ``ServiceDiscovery.services()``.
+SOCKS5 reply code. Inputs are the rows of ``ServiceDiscovery.services()``; they are
+ranked by the routing metric to each record's origin (see ``_rank``).
 """
 
 from __future__ import annotations
@@ -50,14 +51,25 @@ def parse_target(text: str) -> Target:
     return Target(name, sid.lower() if sep else None)
 
 
-def _rank(row: Mapping[str, Any]) -> tuple[int, float]:
-    return (int(row["hops"]), float(row["age"]))  # nearest, then the freshest record
+def _rank(row: Mapping[str, Any]) -> tuple[bool, int, float]:
+    """Nearest by our own routing metric to the record's origin, then the freshest.
+
+    Never by the record's ``hops``: that field is unsigned and any forwarder (or a
+    far origin) can claim 0. A record whose origin we have no route to (``metric``
+    None) comes last: it cannot be reached now, and is no lure for traffic.
+    """
+    metric = row.get("metric")
+    return (metric is None, 0 if metric is None else int(metric), float(row["age"]))
 
 
 def pick_service(
     rows: Iterable[Mapping[str, Any]], name: str, sid: bytes | None, own: bytes
 ) -> tuple[bytes, int] | None:
-    """(node, MSP port) of the nearest live ``name`` (on ``sid`` if given), else None."""
+    """(node, MSP port) of the nearest live ``name`` (on ``sid`` if given), else None.
+
+    The record is signed by its origin, so the node and port are the origin's own
+    claim; what is trusted without a pin is only that the nearest such origin is
+    the one wanted."""
     found = [
         r
         for r in rows

@@ -28,12 +28,26 @@ asking node nor anything else); each node remembers the neighbour it first heard
 the tag from, answers with the live records it knows that match, and relays
 other nodes' answers back along that reverse path.
 
+Cache limits (:class:`DiscoveryLimits`, ``[limits]`` in the config): at most
+``max_records`` records in all, ``max_per_origin`` per origin and
+``max_per_neighbour`` charged to the neighbour a record first arrived from, so
+one link cannot take the whole cache however many fresh keys it makes up. A record
+held is never evicted by a newcomer, with one exception: a record whose origin had
+no route when it arrived (and still has none) gives way to a new record whose
+origin we have a route to, taken from the same neighbour's share when that share is
+full, else from the neighbour holding most. A record nobody can reach is worth
+least; honest, reachable records stay. Refusals are counted and logged as
+``discovery.refused`` (reason, from, refused since the last such line), at most
+once per ``REFUSED_LOG_EVERY`` seconds per reason.
+
 Drops (counters): ``discovery.drop.malformed``, ``.oversize``, ``.forged`` (bad
 signature, including a transit change to a signed field), ``.conflict`` (two
 validly signed different bodies with one seq), ``.stale`` (a seq older than the
 one cached: a replay), ``.expired``, ``.bad_expiry`` (too far in the future),
-``.scope``, ``.rate`` (the origin's token bucket is empty), ``.cache_full``,
-``.query_rate``, ``.no_path``. Also ``discovery.duplicate``, ``.accepted``,
+``.scope``, ``.rate`` (the origin's token bucket is empty), ``.origin_full``,
+``.neighbour_full``, ``.cache_full`` (the three caps above), ``.query_rate``,
+``.no_path``; ``discovery.evicted.unrouted`` counts records that gave way. Also
+``discovery.duplicate``, ``.accepted``,
 ``.own`` (our own record heard back), ``.tx.frames``, ``.rx.frames``,
 ``.query.tx``, ``.query.rx``, ``.answer.tx``, ``.answer.rx``, ``.announce.tx``.
 
@@ -48,7 +62,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,8 +88,6 @@ DEFAULT_SCOPE = 16
 MAX_LIFETIME = 3600.0
 SEQ_MAX = (1 << 63) - 1
 MAX_ITEMS = 256  # per frame
-MAX_PER_ORIGIN = 64  # cached records (and tombstones) per origin
-MAX_CACHE = 4096
 MAX_BUCKETS = 4096
 MAX_QUERY_PATHS = 1024
 
@@ -90,6 +102,9 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,23}")
 _KIND = re.compile(r"[a-z0-9][a-z0-9_-]{0,11}")
 
 NeighbourKey = tuple[int, Hashable]  # (interface index, link address), as in the core
+RecordKey = tuple[bytes, str]  # (origin, name)
+RouteMetric = Callable[[bytes], "int | None"]  # origin -> routing metric, None: no route
+REFUSED_LOG_EVERY = 10.0  # seconds between two discovery.refused lines of one reason
 AttrValue = str | int | bool
 
 
@@ -317,6 +332,25 @@ class DiscoveryTiming:
     jitter: float = 0.1
 
 
+@dataclass(frozen=True)
+class DiscoveryLimits:
+    """Caps on the cache of other nodes' records (tombstones included)."""
+
+    max_records: int = 4096
+    max_per_origin: int = 64
+    max_per_neighbour: int = 1024  # charged to the link a record first arrived on
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_per_origin <= self.max_records:
+            raise ServiceError("discovery limits: want 1 <= max_per_origin <= max_records")
+        if not 1 <= self.max_per_neighbour <= self.max_records:
+            raise ServiceError("discovery limits: want 1 <= max_per_neighbour <= max_records")
+
+
+def _no_routes(origin: bytes) -> int | None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DiscoveryOut:
     """A DISCOVERY frame to send: link-wide on every interface (``to`` None) or unicast."""
@@ -344,6 +378,7 @@ class _Cached:
     signed: SignedRecord
     received: float  # local time
     hops: int  # ours: the item's hops + 1
+    link: NeighbourKey  # the neighbour it first came from: its share pays for it
 
 
 @dataclass(slots=True)
@@ -377,8 +412,12 @@ class ServiceDiscovery:
         mtu: int = 1400,
         timing: DiscoveryTiming | None = None,
         rng: random.Random | None = None,
+        limits: DiscoveryLimits | None = None,
+        route_metric: RouteMetric = _no_routes,
     ) -> None:
         self.identity = identity
+        self.limits = limits or DiscoveryLimits()
+        self.route_metric = route_metric
         self.sid = identity.sid
         self.offset = clock_offset  # wall clock = now + offset
         self.mtu = mtu
@@ -392,6 +431,11 @@ class ServiceDiscovery:
         self.local: dict[str, _Local] = {}
         self.cache: dict[tuple[bytes, str], _Cached] = {}
         self.per_origin: Counter[bytes] = Counter()
+        self.per_link: Counter[NeighbourKey] = Counter()
+        # Records whose origin had no route on arrival, oldest first, per link: the
+        # only ones a newcomer may push out (checked again before eviction).
+        self.unrouted: dict[NeighbourKey, dict[RecordKey, None]] = {}
+        self._refused: dict[str, tuple[float, int]] = {}  # reason -> (logged at, since)
         self.buckets: dict[bytes, _Bucket] = {}
         self.query_bucket = _Bucket(self.t.query_burst, now)
         self.paths: dict[bytes, _Path] = {}  # query tag -> where answers go
@@ -517,8 +561,11 @@ class ServiceDiscovery:
     def services(self, now: float) -> list[dict[str, Any]]:
         """Live services: local ones (hops 0) and every cached, unexpired record.
 
-        ``age`` is seconds since the current record arrived (since announced, for local
-        ones), ``expires`` seconds until it expires (None for local services).
+        ``hops`` is what the record claims (unsigned, raised by each forwarder: a hint,
+        not to be trusted); ``metric`` is our routing metric to the origin (0 for
+        local services, None without a route): what choices rank by. ``age`` is
+        seconds since the current record arrived (since announced, for local ones),
+        ``expires`` seconds until it expires (None for local services).
         """
         wall = self.wall(now)
         out: list[dict[str, Any]] = []
@@ -530,6 +577,7 @@ class ServiceDiscovery:
                     "port": svc.port,
                     "kind": svc.kind,
                     "hops": 0,
+                    "metric": 0,
                     "age": now - svc.since,
                     "expires": None,
                     "attrs": dict(svc.attrs),
@@ -547,6 +595,7 @@ class ServiceDiscovery:
                     "port": r.port,
                     "kind": r.kind,
                     "hops": c.hops,
+                    "metric": self.route_metric(bytes(r.origin)),
                     "age": now - c.received,
                     "expires": r.expiry - wall,
                     "attrs": dict(r.attrs),
@@ -626,14 +675,18 @@ class ServiceDiscovery:
         if not self._take(origin, now):
             self.counters["discovery.drop.rate"] += 1
             return None
-        if cur is None and (
-            self.per_origin[origin] >= MAX_PER_ORIGIN or len(self.cache) >= MAX_CACHE
-        ):
-            self.counters["discovery.drop.cache_full"] += 1
-            return None
         if cur is None:
+            refused = self._admit(origin, link)
+            if refused is not None:
+                self._refuse(refused, link, now)
+                return None
             self.per_origin[origin] += 1
-        self.cache[key] = _Cached(signed, now, hops + 1)
+            self.per_link[link] += 1
+            if self.route_metric(origin) is None:
+                self.unrouted.setdefault(link, {})[key] = None
+            self.cache[key] = _Cached(signed, now, hops + 1, link)
+        else:
+            self.cache[key] = _Cached(signed, now, hops + 1, cur.link)
         self.counters["discovery.accepted"] += 1
         was_live = cur is not None and not cur.signed.record.withdrawn
         if rec.withdrawn and was_live:
@@ -643,6 +696,60 @@ class ServiceDiscovery:
         if flood and hops + 1 < rec.scope:
             self._queue(signed.item(hops + 1), now)
         return signed
+
+    def _admit(self, origin: bytes, link: NeighbourKey) -> str | None:
+        """Make room for a new record; the reason it is refused, or None."""
+        lim = self.limits
+        if self.per_origin[origin] >= lim.max_per_origin:
+            return "origin_full"
+        routed = self.route_metric(origin) is not None
+        if self.per_link[link] >= lim.max_per_neighbour and not (
+            routed and self._evict_unrouted(link)
+        ):
+            return "neighbour_full"
+        if len(self.cache) >= lim.max_records:
+            heavy = sorted(self.unrouted, key=lambda k: self.per_link[k], reverse=True)
+            if not (routed and any(self._evict_unrouted(k) for k in heavy)):
+                return "cache_full"
+        return None
+
+    def _evict_unrouted(self, link: NeighbourKey) -> bool:
+        """Drop the oldest record charged to ``link`` whose origin still has no route."""
+        keys = self.unrouted.get(link)
+        while keys:
+            key = next(iter(keys))
+            del keys[key]
+            if self.route_metric(key[0]) is not None:
+                continue  # reachable now: it stays, and is no longer a candidate
+            self._remove(key)
+            self.counters["discovery.evicted.unrouted"] += 1
+            return True
+        self.unrouted.pop(link, None)
+        return False
+
+    def _remove(self, key: RecordKey) -> _Cached:
+        c = self.cache.pop(key)
+        _discount(self.per_origin, key[0])
+        _discount(self.per_link, c.link)
+        keys = self.unrouted.get(c.link)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self.unrouted[c.link]
+        return c
+
+    def _refuse(self, reason: str, link: NeighbourKey, now: float) -> None:
+        self.counters[f"discovery.drop.{reason}"] += 1
+        at, since = self._refused.get(reason, (-math.inf, 0))
+        since += 1
+        if now - at >= REFUSED_LOG_EVERY:
+            self.events.append(
+                Event(
+                    "discovery.refused", {"reason": reason, "from": repr(link[1]), "refused": since}
+                )
+            )
+            at, since = now, 0
+        self._refused[reason] = (at, since)
 
     def _forged(self, signed: SignedRecord, link: NeighbourKey) -> None:
         self.counters["discovery.drop.forged"] += 1
@@ -761,10 +868,7 @@ class ServiceDiscovery:
         self._sweep_at = now + 1.0
         wall = self.wall(now)
         for key in [k for k, c in self.cache.items() if c.signed.record.expiry <= wall]:
-            c = self.cache.pop(key)
-            self.per_origin[key[0]] -= 1
-            if self.per_origin[key[0]] <= 0:
-                del self.per_origin[key[0]]
+            c = self._remove(key)
             if not c.signed.record.withdrawn:
                 self.events.append(Event("service.expired", _ev(c.signed.record, c.hops)))
         for tag in [t for t, p in self.paths.items() if now >= p.until]:
@@ -804,6 +908,12 @@ class ServiceDiscovery:
         return out
 
 
+def _discount(counts: Counter[Any], key: Any) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
 def _ev(rec: ServiceRecord, hops: int) -> dict[str, Any]:
     return {"name": rec.name, "sid": bytes(rec.origin).hex()[:8], "hops": hops}
 
@@ -814,6 +924,7 @@ __all__ = [
     "SERVICE_DOMAIN",
     "Announce",
     "Answer",
+    "DiscoveryLimits",
     "DiscoveryOut",
     "DiscoveryTiming",
     "Query",
