@@ -2,11 +2,13 @@
 
 Both address bytes by absolute stream offset. Neither knows about segments on the
 wire beyond (offset, bytes), which is what makes them easy to property-test.
+``PeerBudget`` caps what all streams of one peer hold together (datagram fragments).
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 from dataclasses import dataclass
 
 
@@ -167,4 +169,41 @@ class Reassembly:
         return s + len(self._pieces[s])
 
 
-__all__ = ["Gap", "Reassembly", "SendBuffer"]
+class PeerBudget:
+    """Bytes held on behalf of each peer, under a per-peer and an overall cap.
+
+    What one peer sends and never completes (first fragments of datagrams whose
+    rest never comes) fills its own share only: other peers' room is untouched,
+    however many streams the peer opens.
+    """
+
+    def __init__(self, per_peer: int, total: int) -> None:
+        if not 0 < per_peer <= total:
+            raise ValueError("want 0 < per_peer <= total")
+        self.per_peer = per_peer
+        self.limit = total
+        self.total = 0
+        self._held: collections.Counter[bytes] = collections.Counter()
+
+    def fits(self, peer: bytes, n: int) -> bool:
+        return self._held[peer] + n <= self.per_peer and self.total + n <= self.limit
+
+    def change(self, peer: bytes, delta: int) -> None:
+        """Account ``delta`` bytes (negative: released) to ``peer``."""
+        held = self._held[peer] + delta
+        if held < 0:
+            raise ValueError(f"peer budget would go negative ({held})")
+        self.total += delta
+        if held:
+            self._held[peer] = held
+        else:
+            del self._held[peer]
+
+    def held(self, peer: bytes) -> int:
+        return self._held.get(peer, 0)
+
+    def peers(self) -> int:
+        return len(self._held)
+
+
+__all__ = ["Gap", "PeerBudget", "Reassembly", "SendBuffer"]

@@ -11,8 +11,21 @@ A stream is named by (peer SID, 32-bit number). The opener picks the number; its
 bit is 1 when the opener's SID sorts above the peer's, so two nodes opening streams
 to each other at the same moment can never pick the same name.
 
+Limits (MspParams, ``[limits]`` in the config): ``max_streams`` /
+``max_streams_per_peer`` streams in all; of those, streams a peer opened that are
+still in SYN_RCVD (it never answered our SYNACK) at most
+``max_syn_streams_per_peer`` per peer and ``max_syn_streams`` in all, except that a
+peer holding fewer than ``SYN_RESERVE`` always gets in (``max_streams`` still
+bounds everything), so half-open floods cannot take the stream table nor lock
+out a peer opening its first stream; datagram fragments being reassembled at most
+``max_reassembly`` bytes in all and ``max_reassembly_per_peer`` per peer
+(``buffers.PeerBudget``). A SYN past
+a cap is answered with an RST (overloaded), counted in ``msp.syn_overloaded`` and
+reported as a StreamRefused at most once per ``REFUSED_REPORT_EVERY`` seconds.
+
 Counters (``Msp.counters``): ``msp.rx``, ``msp.tx``, ``msp.drop.malformed``,
 ``msp.drop.unknown_stream``, ``msp.refused``, ``msp.denied``, ``msp.overloaded``,
+``msp.syn_overloaded``,
 ``msp.retransmit``, ``msp.lost``, ``msp.pto``, ``msp.deadline.*``, ``msp.dgram.*``
 and the per-stream drops named in stream.py.
 """
@@ -27,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshpipe.msp import wire
-from meshpipe.msp.buffers import Gap
-from meshpipe.msp.stream import Stream, StreamError
+from meshpipe.msp.buffers import Gap, PeerBudget
+from meshpipe.msp.stream import State, Stream, StreamError
 from meshpipe.msp.wire import DATAPLANE_SPACE, Mode, ResetCode
 from meshpipe.session import max_plaintext
 
@@ -59,6 +72,14 @@ class MspParams:
     dgram_partials: int = 64  # messages being reassembled at once, per stream
     dgram_partial_bytes: int = 256 * 1024
     dgram_timeout: float = 2.0  # an incomplete message is dropped after this long
+    max_syn_streams: int = 1024  # streams peers opened that are still half-open
+    max_syn_streams_per_peer: int = 64
+    max_reassembly: int = 16 << 20  # datagram fragment bytes held, all peers
+    max_reassembly_per_peer: int = 1 << 20
+
+
+REFUSED_REPORT_EVERY = 10.0  # seconds between two StreamRefused for SYNs past a cap
+SYN_RESERVE = 4  # half-open streams any peer may have, even past max_syn_streams
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +173,11 @@ class Msp:
         self._path_mtu = path_mtu
         self._streams: dict[tuple[bytes, int], Stream] = {}
         self._per_peer: collections.Counter[bytes] = collections.Counter()
+        # Streams peers opened that have not completed the handshake (SYN_RCVD).
+        self._half_open: dict[tuple[bytes, int], None] = {}
+        self._half_open_per_peer: collections.Counter[bytes] = collections.Counter()
+        self._syn_refused_at = -math.inf
+        self.fragments = PeerBudget(self.params.max_reassembly_per_peer, self.params.max_reassembly)
         self._listeners: dict[int, _Listener] = {}
         self._linger: dict[tuple[bytes, int], tuple[float, int]] = {}
         self._next_number: dict[bytes, int] = {}
@@ -275,6 +301,7 @@ class Msp:
         self._dirty[stream] = None
 
     def stream_established(self, stream: Stream) -> None:
+        self._half_open_done(stream)
         self._events.append(StreamEstablished(stream))
 
     def stream_readable(self, stream: Stream) -> None:
@@ -302,6 +329,7 @@ class Msp:
         while len(self._linger) > self.params.max_linger:
             del self._linger[next(iter(self._linger))]
         self._dirty.pop(stream, None)
+        self._half_open_done(stream)
         self._events.append(StreamClosed(stream, stream.reset_code))
 
     # -- internals ------------------------------------------------------------------------------
@@ -334,6 +362,14 @@ class Msp:
         self._per_peer[st.peer] += 1
         self.mark_dirty(st)
 
+    def _half_open_done(self, stream: Stream) -> None:
+        key = (stream.peer, stream.number)
+        if key in self._half_open:
+            del self._half_open[key]
+            self._half_open_per_peer[stream.peer] -= 1
+            if self._half_open_per_peer[stream.peer] <= 0:
+                del self._half_open_per_peer[stream.peer]
+
     def _refuse(self, src: bytes, seg: wire.Syn, code: ResetCode, counter: str) -> None:
         self.counters[counter] += 1
         self.emit(src, wire.encode_rst(seg.stream, code))
@@ -359,6 +395,20 @@ class Msp:
         ):
             self._refuse(src, seg, ResetCode.OVERLOADED, "msp.overloaded")
             return
+        half_open = self._half_open_per_peer[src]
+        if half_open >= self.params.max_syn_streams_per_peer or (
+            # Past the overall cap only peers already holding several are turned
+            # away: a peer opening its first few still gets in (max_streams bounds it).
+            len(self._half_open) >= self.params.max_syn_streams and half_open >= SYN_RESERVE
+        ):
+            # A flood: answer each SYN (so an honest opener learns at once) but report
+            # it upwards, where it becomes a log line, only now and then.
+            self.counters["msp.syn_overloaded"] += 1
+            self.emit(src, wire.encode_rst(seg.stream, ResetCode.OVERLOADED))
+            if now - self._syn_refused_at >= REFUSED_REPORT_EVERY:
+                self._syn_refused_at = now
+                self._events.append(StreamRefused(src, seg.port, ResetCode.OVERLOADED))
+            return
         budget = min(max(seg.budget_ms / 1000.0, 0.001), self.params.max_budget)
         st = Stream(
             self, src, seg.stream, seg.port, seg.mode, initiator=False, budget=budget, now=now
@@ -366,6 +416,9 @@ class Msp:
         st.on_segment(seg, now)
         st._peer_edge = seg.window
         self._add(st)
+        if st.state is State.SYN_RCVD:
+            self._half_open[(src, seg.stream)] = None
+            self._half_open_per_peer[src] += 1
         self._events.append(StreamAccepted(st))
 
     def _on_unknown(self, src: bytes, seg: wire.Segment) -> None:

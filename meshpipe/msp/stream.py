@@ -952,25 +952,36 @@ class Stream:
             self.host.count("msp.dgram.drop.too_many_fragments")
             return
         part = self._frags.get(seg.message)
+        room = self.host.fragments
         if part is None:
             while self._frags and (
                 len(self._frags) >= self.params.dgram_partials
                 or self._frag_bytes + len(seg.payload) > self.params.dgram_partial_bytes
+                or not room.fits(self.peer, len(seg.payload))  # only our own give way
             ):
                 oldest = next(iter(self._frags))
-                self._frag_bytes -= self._frags.pop(oldest).size
+                self._hold(-self._frags.pop(oldest).size)
                 self.host.count("msp.dgram.drop.evicted")
+        if not room.fits(self.peer, len(seg.payload)):
+            self.host.count("msp.dgram.drop.peer_budget")  # the peer's other streams hold it
+            return
+        if part is None:
             part = self._frags[seg.message] = _Partial(seg.count, now)
         if part.count != seg.count or seg.index in part.pieces:
             self.host.count("msp.dgram.drop.bad_fragment")
             return
         part.pieces[seg.index] = seg.payload
         part.size += len(seg.payload)
-        self._frag_bytes += len(seg.payload)
+        self._hold(len(seg.payload))
         if len(part.pieces) == part.count:
             del self._frags[seg.message]
-            self._frag_bytes -= part.size
+            self._hold(-part.size)
             self._dgram_deliver(b"".join(part.pieces[i] for i in range(part.count)))
+
+    def _hold(self, delta: int) -> None:
+        """Fragment bytes held: this stream's count and the peer's shared budget."""
+        self._frag_bytes += delta
+        self.host.fragments.change(self.peer, delta)
 
     def _dgram_deliver(self, message: bytes) -> None:
         if len(self._dgram_in) >= self.params.dgram_inbox:
@@ -985,7 +996,7 @@ class Stream:
         for number, part in list(self._frags.items()):
             if now >= part.first + self.params.dgram_timeout:
                 del self._frags[number]
-                self._frag_bytes -= part.size
+                self._hold(-part.size)
                 self.host.count("msp.dgram.drop.incomplete")
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -1015,6 +1026,8 @@ class Stream:
         self._lost.clear()
         self._txq.clear()
         self._inflight = 0
+        self._frags.clear()
+        self._hold(-self._frag_bytes)  # give the peer's reassembly budget back
         self.host.stream_closed(self, self._cum(), now)
 
 
