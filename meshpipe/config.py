@@ -28,10 +28,11 @@ from typing import Any, Final, TypeVar
 from meshpipe.errors import ConfigError, KeyFileError
 from meshpipe.identity import Identity
 from meshpipe.link.kiss import RADIO_HEADER_LEN
+from meshpipe.msp import MspParams
 from meshpipe.node import MIN_MTU as CORE_MIN_MTU
 from meshpipe.services.acl import Acl, AclError
 from meshpipe.services.discovery import MAX_LIFETIME as MAX_SERVICE_LIFETIME
-from meshpipe.services.discovery import ServiceError, check_name
+from meshpipe.services.discovery import DiscoveryLimits, ServiceError, check_name
 from meshpipe.services.exit_policy import (
     ExitPolicy,
     ExitPolicyError,
@@ -199,6 +200,40 @@ class DiscoverySection:
 
 
 @dataclass(frozen=True)
+class LimitsSection:
+    """``[limits]``: caps on what other nodes can make this node hold. Each one is
+    per neighbour or per peer where that makes sense, so one bad link or one
+    hostile peer cannot take the whole budget (docs/threat-model.md)."""
+
+    # service discovery: records of other nodes' services
+    max_service_records: int = DiscoveryLimits.max_records
+    max_service_records_per_origin: int = DiscoveryLimits.max_per_origin
+    max_service_records_per_neighbour: int = DiscoveryLimits.max_per_neighbour
+    # MSP: streams peers opened that are still half-open (SYN received, no answer)
+    max_syn_streams: int = MspParams.max_syn_streams
+    max_syn_streams_per_peer: int = MspParams.max_syn_streams_per_peer
+    # MSP: bytes of datagram fragments waiting for the rest of their message
+    max_reassembly_bytes: int = MspParams.max_reassembly
+    max_reassembly_bytes_per_peer: int = MspParams.max_reassembly_per_peer
+
+    def discovery_limits(self) -> DiscoveryLimits:
+        return DiscoveryLimits(
+            max_records=self.max_service_records,
+            max_per_origin=self.max_service_records_per_origin,
+            max_per_neighbour=self.max_service_records_per_neighbour,
+        )
+
+    def msp_params(self, base: MspParams | None = None) -> MspParams:
+        return replace(
+            base or MspParams(),
+            max_syn_streams=self.max_syn_streams,
+            max_syn_streams_per_peer=self.max_syn_streams_per_peer,
+            max_reassembly=self.max_reassembly_bytes,
+            max_reassembly_per_peer=self.max_reassembly_bytes_per_peer,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     path: str  # absolute path of the file this was loaded from
     node: NodeSection
@@ -209,6 +244,7 @@ class Config:
     exit: ExitSection = ExitSection()
     discovery: DiscoverySection = DiscoverySection()
     tunnel: TunnelSection = TunnelSection()
+    limits: LimitsSection = LimitsSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -775,6 +811,31 @@ def _section_discovery(t: _Table) -> DiscoverySection:
     return DiscoverySection(lifetime=lifetime, refresh=refresh)
 
 
+_LIMIT_KEYS = (
+    "max_service_records",
+    "max_service_records_per_origin",
+    "max_service_records_per_neighbour",
+    "max_syn_streams",
+    "max_syn_streams_per_peer",
+    "max_reassembly_bytes",
+    "max_reassembly_bytes_per_peer",
+)
+
+
+def _section_limits(t: _Table) -> LimitsSection:
+    d = LimitsSection()
+    v = {k: t.integer(k, getattr(d, k), lo=1, hi=1 << 32) for k in _LIMIT_KEYS}
+    for part, whole in (
+        ("max_service_records_per_origin", "max_service_records"),
+        ("max_service_records_per_neighbour", "max_service_records"),
+        ("max_syn_streams_per_peer", "max_syn_streams"),
+        ("max_reassembly_bytes_per_peer", "max_reassembly_bytes"),
+    ):
+        if v[part] > v[whole]:
+            raise t.error(part, f"must not exceed {whole} ({v[whole]}), got {v[part]}")
+    return LimitsSection(**v)
+
+
 def _table_section(
     keys: Sequence[str], fn: Callable[[_Table], T]
 ) -> Callable[[_Context, str, object], T]:
@@ -824,6 +885,7 @@ _SECTIONS: Final[dict[str, _Section]] = {
         ),
         False,
     ),
+    "limits": _Section(_table_section(_LIMIT_KEYS, _section_limits), False),
 }
 
 
@@ -869,6 +931,7 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
         exit=parsed["exit"],
         discovery=parsed["discovery"],
         tunnel=parsed["tunnel"],
+        limits=parsed["limits"],
     )
 
 

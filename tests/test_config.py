@@ -13,6 +13,7 @@ from meshpipe.config import (
     RADIO_TIMING,
     Config,
     InterfaceConfig,
+    LimitsSection,
     TimingSection,
     format_hostport,
     load_config,
@@ -21,6 +22,7 @@ from meshpipe.config import (
 )
 from meshpipe.errors import ConfigError, KeyFileError
 from meshpipe.identity import Identity
+from meshpipe.services.discovery import DiscoveryLimits
 
 MINIMAL = """\
 [node]
@@ -991,3 +993,31 @@ SERVICE_BAD: list[tuple[str, str, str, str]] = [
 )
 def test_service_and_exit_bad_value(tmp_path: Path, text: str, key: str, reason: str) -> None:
     assert_error(tmp_path, text, key, reason)
+
+
+def test_limits_section(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL), cpu_count=1)
+    assert cfg.limits == LimitsSection()
+    assert cfg.limits.discovery_limits() == DiscoveryLimits()
+    text = MINIMAL + (
+        "\n[limits]\nmax_service_records = 512\nmax_service_records_per_neighbour = 128\n"
+        "max_syn_streams = 100\nmax_syn_streams_per_peer = 10\n"
+        "max_reassembly_bytes_per_peer = 65536\n"
+    )
+    cfg = load_config(write(tmp_path, text), cpu_count=1)
+    lim = cfg.limits.discovery_limits()
+    assert (lim.max_records, lim.max_per_neighbour, lim.max_per_origin) == (512, 128, 64)
+    msp = cfg.limits.msp_params()
+    assert (msp.max_syn_streams, msp.max_syn_streams_per_peer) == (100, 10)
+    assert msp.max_reassembly_per_peer == 65536
+    assert msp.max_reassembly == LimitsSection.max_reassembly_bytes
+    assert_error(
+        tmp_path,
+        MINIMAL + "\n[limits]\nmax_syn_streams = 8\n",
+        "limits.max_syn_streams_per_peer",
+        "must not exceed max_syn_streams",
+    )
+    assert_error(tmp_path, MINIMAL + "\n[limits]\nmax_routes = 8\n", "limits.max_routes", "")
+    assert_error(
+        tmp_path, MINIMAL + "\n[limits]\nmax_syn_streams = 0\n", "limits.max_syn_streams", "least"
+    )

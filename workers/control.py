@@ -246,6 +246,8 @@ class ControlWorker:
             discovery_timing=DiscoveryTiming(
                 lifetime=cfg.discovery.lifetime, refresh=cfg.discovery.refresh
             ),
+            discovery_limits=cfg.limits.discovery_limits(),
+            msp_params=cfg.limits.msp_params(),
             sharded=True,  # sessions live in the crypto workers
         )
         self.pings: list[PingJob] = []
