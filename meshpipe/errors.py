@@ -28,3 +28,8 @@ class ConfigError(MeshpipeError):
 
 class FrameError(MeshpipeError, ValueError):
     """A frame from the wire is malformed. Callers drop it and count the drop."""
+
+
+class RecordError(MeshpipeError, ValueError):
+    """A record on a ring between worker processes is malformed. The receiving
+    worker drops it and counts the drop (``drop.bad_record``)."""

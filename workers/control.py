@@ -29,7 +29,7 @@ from meshpipe.actions import (
 )
 from meshpipe.config import Config, load_config
 from meshpipe.dataplane import ForwardingMirror, shard_of
-from meshpipe.errors import MeshpipeError
+from meshpipe.errors import MeshpipeError, RecordError
 from meshpipe.identity import Identity, Sid, resolve_sid
 from meshpipe.mdp import MdpError
 from meshpipe.msp import Stream
@@ -305,22 +305,31 @@ class ControlWorker:
                 iface, raddr, frame = radio.parse_radio_in(rec)
                 self.execute(self.core.on_frame(iface, raddr, frame, now))
             elif tag == msg.REC_WORKER_UP:
-                self._push_full_table(rec[1], rec[2])
+                self._push_full_table(*msg.parse_worker_up(rec))
             elif tag == msg.REC_COUNTERS:
-                body = msg.unpacked(rec)
-                self.worker_reports[(int(body["iface"]), int(body["worker"]))] = body
+                body = msg.unpacked_map(rec, ("iface", "worker"), ("counters",))
+                if body["iface"] >= len(self.cfg.interfaces):
+                    raise RecordError(f"counters record for interface {body['iface']}")
+                self.worker_reports[(body["iface"], body["worker"])] = body
             elif tag == msg.REC_OPENED:
                 src, hops, pt = msg.parse_sid_hops_record(rec)
                 self.execute(self.core.on_opened(src, pt, hops, now))
             elif tag == msg.REC_CRYPTO_REPORT:
-                body = msg.unpacked(rec)
-                self.crypto_reports[int(body["index"])] = body
+                body = msg.unpacked_map(rec, ("index",), ("counters",))
+                if not isinstance(body.get("sessions", []), list):
+                    raise RecordError("crypto report: sessions is not a list")
+                self.crypto_reports[body["index"]] = body
             elif tag == msg.REC_CRYPTO_UP:
-                self._push_to_shards(dict(self.mirror.table), full=True, only=rec[1])
+                self._push_to_shards(
+                    dict(self.mirror.table), full=True, only=msg.parse_crypto_up(rec)
+                )
             elif tag == msg.REC_SUPERVISOR:
-                self.supervisor_state = msg.unpacked(rec)
+                self.supervisor_state = msg.unpacked_map(rec)
             else:
                 self.counters["drop.bad_record"] += 1
+        except RecordError as exc:  # malformed: counted and dropped
+            self.counters["drop.bad_record"] += 1
+            self.log.warning("control.bad_record", tag=tag, error=str(exc))
         except Exception as exc:  # the core counts bad frames; this guards the record layer
             self.counters["drop.bad_record"] += 1
             self.log.error("control.bad_record", tag=tag, error=repr(exc))

@@ -46,6 +46,7 @@ from meshpipe import log
 from meshpipe.actions import Action, Event, Opened, SendFrame, TunWrite
 from meshpipe.config import Config, load_config
 from meshpipe.dataplane import CryptoShard, shard_of
+from meshpipe.errors import RecordError
 from meshpipe.identity import Identity
 from meshpipe.offload import join_message
 from meshpipe.tunnel import ToPeer, ToTun
@@ -113,6 +114,9 @@ class CryptoWorker:
             for rec in batch:
                 try:
                     handle(rec, now)
+                except RecordError as exc:  # malformed: counted and dropped
+                    self.counters["crypto.drop.bad_record"] += 1
+                    self.log.warning("crypto.bad_record", tag=rec[:1].hex(), error=str(exc))
                 except Exception as exc:  # a bad record costs itself, never the worker
                     self.counters["crypto.drop.bad_record"] += 1
                     self.log.error("crypto.bad_record", tag=rec[:1].hex(), error=repr(exc))

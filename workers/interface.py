@@ -27,6 +27,7 @@ from collections import Counter
 from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.dataplane import shard_of
+from meshpipe.errors import RecordError
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
@@ -223,7 +224,7 @@ class InterfaceWorker:
                     continue
                 try:
                     addr, frame = msg.parse_send(rec)
-                except Exception:
+                except RecordError:
                     self.counters["drop.bad_record"] += 1
                     continue
                 # One GSO send: one peer, equal sizes (only the last may be shorter).
@@ -285,6 +286,9 @@ class InterfaceWorker:
                         self.forwarding.pop(dst, None)
             else:
                 self.counters["drop.bad_record"] += 1
+        except RecordError as exc:  # malformed: counted and dropped
+            self.counters["drop.bad_record"] += 1
+            self.log.warning("interface.bad_record", tag=tag, error=str(exc))
         except Exception as exc:  # a bad record must not kill the data plane
             self.counters["drop.bad_record"] += 1
             self.log.error("interface.bad_record", tag=tag, error=repr(exc))

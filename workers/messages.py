@@ -3,6 +3,11 @@
 Each record starts with one tag byte. Link addresses of UDP interfaces are packed
 as (family, ip, port) so the per-frame path needs no msgpack; rare control
 records (forwarding tables, counters) are msgpack.
+
+Every ``parse_*`` here raises :class:`~meshpipe.errors.RecordError` and nothing
+else on a malformed record (the receiving worker counts it and drops it): a
+worker that restarts mid-write or a bug elsewhere must cost one record, not the
+process.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 
 import msgpack
 
-from meshpipe.errors import FrameError
+from meshpipe.errors import RecordError
+from meshpipe.identity import SID_LEN
 
 # interface worker -> control worker
 REC_FRAME_IN = 0x46  # 'F': u8 iface, addr, frame
@@ -63,11 +69,11 @@ def _decode_addr(packed: bytes) -> UdpAddr:
 def unpack_addr(buf: bytes, offset: int) -> tuple[UdpAddr, int]:
     """Return (addr, offset after it)."""
     if len(buf) <= offset:
-        raise FrameError("record truncated before address")
+        raise RecordError("record truncated before address")
     fam = buf[offset]
     st = _V4 if fam == 4 else _V6 if fam == 6 else None
     if st is None or len(buf) < offset + st.size:
-        raise FrameError("bad address in record")
+        raise RecordError("bad address in record")
     end = offset + st.size
     return _decode_addr(bytes(buf[offset:end])), end
 
@@ -77,6 +83,8 @@ def frame_in(iface: int, addr: UdpAddr, frame: bytes) -> bytes:
 
 
 def parse_frame_in(rec: bytes) -> tuple[int, UdpAddr, bytes]:
+    if len(rec) < 2:
+        raise RecordError("frame record truncated")
     addr, off = unpack_addr(rec, 2)
     return rec[1], addr, rec[off:]
 
@@ -113,15 +121,42 @@ ForwardingEntry = tuple[int, UdpAddr | int, int]  # iface, link address, path MT
 
 def parse_forwarding(rec: bytes) -> tuple[bool, dict[bytes, ForwardingEntry | None]]:
     """(full table?, entries) of a REC_FORWARDING record."""
-    body = unpacked(rec)
+    body = unpacked_map(rec)
+    raw = body.get("entries")
+    if not isinstance(raw, dict) or not isinstance(body.get("full", False), bool):
+        raise RecordError("forwarding record: want {full: bool, entries: map}")
     entries: dict[bytes, ForwardingEntry | None] = {}
-    for dst, e in body["entries"].items():
+    for dst, e in raw.items():
+        if not isinstance(dst, bytes) or len(dst) != SID_LEN:
+            raise RecordError("forwarding record: a destination is not a SID")
         if e is None:
-            entries[bytes(dst)] = None
+            entries[dst] = None
             continue
-        link: UdpAddr | int = int(e[2]) if e[1] == "" else (str(e[1]), int(e[2]))
-        entries[bytes(dst)] = (int(e[0]), link, int(e[3]) if len(e) > 3 else 0)
+        if not isinstance(e, list) or not 3 <= len(e) <= 4 or not isinstance(e[1], str):
+            raise RecordError("forwarding record: want [iface, host, port/addr(, mtu)]")
+        iface, port, mtu = _uint(e[0], 255), _uint(e[2], 65535), _uint(e[3] if e[3:] else 0)
+        entries[dst] = (iface, port if e[1] == "" else (e[1], port), mtu)
     return bool(body.get("full")), entries
+
+
+def _uint(v: object, hi: int = (1 << 32) - 1) -> int:
+    if type(v) is not int or not 0 <= v <= hi:
+        raise RecordError(f"record: want an integer 0..{hi}, got {v!r}")
+    return v
+
+
+def parse_worker_up(rec: bytes) -> tuple[int, int]:
+    """REC_WORKER_UP: (interface index, worker index)."""
+    if len(rec) != 3:
+        raise RecordError("worker-up record: want 3 bytes")
+    return rec[1], rec[2]
+
+
+def parse_crypto_up(rec: bytes) -> int:
+    """REC_CRYPTO_UP: the crypto worker's index."""
+    if len(rec) != 2:
+        raise RecordError("crypto-up record: want 2 bytes")
+    return rec[1]
 
 
 def worker_up(iface: int, worker: int) -> bytes:
@@ -134,7 +169,30 @@ def packed(tag: int, body: Any) -> bytes:
 
 
 def unpacked(rec: bytes) -> Any:
-    return msgpack.unpackb(rec[1:], raw=False, strict_map_key=False)
+    """The msgpack body after the tag byte."""
+    try:
+        return msgpack.unpackb(rec[1:], raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # ExtraData is a ValueError
+        raise RecordError(f"record body: {type(exc).__name__}: {exc}") from None
+
+
+def unpacked_map(
+    rec: bytes, ints: Sequence[str] = (), counters: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A msgpack map body whose ``ints`` keys hold integers >= 0 and whose
+    ``counters`` keys, where present, hold maps of names to integers."""
+    body = unpacked(rec)
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+        raise RecordError("record body: want a map with string keys")
+    for k in ints:
+        _uint(body.get(k), (1 << 63) - 1)
+    for k in counters:
+        c = body.get(k, {})
+        if not isinstance(c, dict) or not all(
+            isinstance(n, str) and type(v) is int for n, v in c.items()
+        ):
+            raise RecordError(f"record body: {k} is not a map of counters")
+    return body
 
 
 def sid_record(tag: int, sid: bytes, data: bytes) -> bytes:
@@ -149,11 +207,11 @@ def sid_hops_record(tag: int, sid: bytes, hops: int, data: bytes) -> bytes:
 
 def parse_sid_record(rec: bytes) -> tuple[bytes, bytes]:
     if len(rec) < 33:
-        raise FrameError("record truncated before its SID")
+        raise RecordError("record truncated before its SID")
     return rec[1:33], rec[33:]
 
 
 def parse_sid_hops_record(rec: bytes) -> tuple[bytes, int, bytes]:
     if len(rec) < 34:
-        raise FrameError("record truncated before its SID and hops")
+        raise RecordError("record truncated before its SID and hops")
     return rec[1:33], rec[33], rec[34:]

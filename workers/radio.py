@@ -42,7 +42,7 @@ from collections import Counter, deque
 
 from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
-from meshpipe.errors import FrameError
+from meshpipe.errors import FrameError, RecordError
 from meshpipe.link import kiss
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
@@ -70,7 +70,7 @@ def radio_in(iface: int, src: int, frame: bytes) -> bytes:
 
 def parse_radio_in(rec: bytes) -> tuple[int, int, bytes]:
     if len(rec) < _IN.size:
-        raise FrameError("radio record truncated")
+        raise RecordError("radio record truncated")
     _, iface, src = _IN.unpack_from(rec)
     return iface, src, rec[_IN.size :]
 
@@ -81,7 +81,7 @@ def radio_send(dst: int, frame: bytes) -> bytes:
 
 def parse_radio_send(rec: bytes) -> tuple[int, bytes]:
     if len(rec) < _SEND.size:
-        raise FrameError("radio record truncated")
+        raise RecordError("radio record truncated")
     _, dst = _SEND.unpack_from(rec)
     return dst, rec[_SEND.size :]
 
@@ -339,6 +339,9 @@ class RadioWorker:
                         self.forwarding.pop(sid, None)
             else:
                 self.counters["drop.bad_record"] += 1
+        except RecordError as exc:  # malformed: counted and dropped
+            self.counters["drop.bad_record"] += 1
+            self.log.warning("radio.bad_record", tag=tag, error=str(exc))
         except Exception as exc:  # a bad record must not kill the data plane
             self.counters["drop.bad_record"] += 1
             self.log.error("radio.bad_record", tag=tag, error=repr(exc))
