@@ -10,7 +10,9 @@ so nobody can announce a service in someone else's name or change one in transit
     signature = Ed25519(origin key, SERVICE_DOMAIN + body)
     item = [body: bin, signature: bin 64, hops: u8]
 
-``hops`` (how far the item has travelled) is not signed: forwarders raise it. The
+``hops`` (how far the item has travelled) is not signed: forwarders raise it, and
+a liar can claim 0, so it is shown but never ranked by (``services()`` rows carry
+``metric``, the routing metric to the origin, for that; see choose.py). The
 signed ``scope`` bounds how far a record floods. ``seq`` grows with the origin's
 wall clock, so it keeps growing across restarts; ``expiry`` is absolute wall-clock
 time, so a replayed record dies when the original would have. A withdraw is a
