@@ -93,10 +93,10 @@ class Net:
         self.sim.call("H", lambda _node, _now: [SendFrame(0, BROADCAST, f) for f in frames])
 
 
-def fresh_flood(now: float, names: list[str]) -> list[list[Any]]:
+def fresh_flood(now: float, names: list[str], keys: range = range(FRESH_KEYS)) -> list[list[Any]]:
     """PER_KEY validly signed records for each of FRESH_KEYS made-up origins."""
     items: list[list[Any]] = []
-    for k in range(FRESH_KEYS):
+    for k in keys:
         who = Identity.from_seed(f"fresh-{k}".encode().ljust(32, b"."))
         for j, name in enumerate(names[:PER_KEY]):
             rec = ServiceRecord(who.sid, name, 1000 + j, "tcp", {}, int(now) + 500, 1 + j)
@@ -124,6 +124,13 @@ def test_fresh_key_flood_cannot_fill_the_cache() -> None:
     assert refused[0].fields["reason"] == "neighbour_full"
     for n in NAMES[1:]:
         assert len(net.node(n).discovery.cache) <= lim.max_records
+
+    # H's link has spent its burst of signature checks: more fresh records are
+    # refused before verification (128 a second get through; 5 s have passed).
+    more = fresh_flood(net.sim.now, names, range(FRESH_KEYS, FRESH_KEYS + 48))
+    net.hostile_send(more)
+    net.sim.run_for(0.5)
+    assert a.counters["discovery.drop.neighbour_rate"] >= len(more) - 6 * 128
 
     # New honest services, after the flood: found everywhere, quickly.
     net.announce("D", "db", 6000)

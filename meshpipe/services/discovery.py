@@ -46,7 +46,9 @@ Drops (counters): ``discovery.drop.malformed``, ``.oversize``, ``.forged`` (bad
 signature, including a transit change to a signed field), ``.conflict`` (two
 validly signed different bodies with one seq), ``.stale`` (a seq older than the
 one cached: a replay), ``.expired``, ``.bad_expiry`` (too far in the future),
-``.scope``, ``.rate`` (the origin's token bucket is empty), ``.origin_full``,
+``.scope``, ``.rate`` (the origin's token bucket is empty), ``.neighbour_rate``
+(the bucket of the link it came over: signature checks per neighbour),
+``.origin_full``,
 ``.neighbour_full``, ``.cache_full`` (the three caps above), ``.query_rate``,
 ``.no_path``; ``discovery.evicted.unrouted`` counts records that gave way. Also
 ``discovery.duplicate``, ``.accepted``,
@@ -328,6 +330,10 @@ class DiscoveryTiming:
     max_skew: float = 30.0  # tolerated wall-clock difference between nodes
     rate: float = 2.0  # records per second accepted from one origin (after a burst)
     burst: float = 32.0
+    # New records (signature checks) per second from one neighbour, after a burst
+    # big enough for a whole mesh's records in the answers to one query.
+    neighbour_rate: float = 128.0
+    neighbour_burst: float = 4096.0
     query_rate: float = 8.0  # queries per second this node handles (after a burst)
     query_burst: float = 64.0
     scope: int = DEFAULT_SCOPE  # hop limit of own records and queries
@@ -367,8 +373,8 @@ class _Bucket:
     at: float
 
     def take(self, now: float, rate: float, burst: float) -> bool:
-        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
-        self.at = now
+        self.tokens = min(burst, self.tokens + max(0.0, now - self.at) * rate)
+        self.at = max(self.at, now)
         if self.tokens < 1.0:
             return False
         self.tokens -= 1.0
@@ -439,6 +445,7 @@ class ServiceDiscovery:
         self.unrouted: dict[NeighbourKey, dict[RecordKey, None]] = {}
         self._refused: dict[str, tuple[float, int]] = {}  # reason -> (logged at, since)
         self.buckets: dict[bytes, _Bucket] = {}
+        self.link_buckets: dict[NeighbourKey, _Bucket] = {}
         self.query_bucket = _Bucket(self.t.query_burst, now)
         self.paths: dict[bytes, _Path] = {}  # query tag -> where answers go
         self.tombstones: dict[str, tuple[SignedRecord, float]] = {}  # name -> record, resend at
@@ -661,6 +668,13 @@ class ServiceDiscovery:
         if cur is not None and rec.seq < cur.signed.record.seq:
             self.counters["discovery.drop.stale"] += 1
             return None
+        # Each new record costs a signature check; fresh keys dodge the per-origin
+        # bucket, so the link it came over has one too.
+        if not self._link_bucket(link, now).take(
+            now, self.t.neighbour_rate, self.t.neighbour_burst
+        ):
+            self._refuse("neighbour_rate", link, now)
+            return None
         if not signed.verify():
             self._forged(signed, link)
             return None
@@ -765,6 +779,14 @@ class ServiceDiscovery:
                 },
             )
         )
+
+    def _link_bucket(self, link: NeighbourKey, now: float) -> _Bucket:
+        b = self.link_buckets.get(link)
+        if b is None:
+            while len(self.link_buckets) >= MAX_BUCKETS:
+                del self.link_buckets[next(iter(self.link_buckets))]
+            b = self.link_buckets[link] = _Bucket(self.t.neighbour_burst, now)
+        return b
 
     def _take(self, origin: bytes, now: float) -> bool:
         b = self.buckets.pop(origin, None)
