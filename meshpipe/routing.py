@@ -56,6 +56,14 @@ MAX_HOPS = 64  # updates with a larger hop count are dropped
 REQUEST_HOPS = 64  # hop-count limit a seqno request starts with
 MAX_ITEMS = 4096  # per frame and list; no MTU we drive gets near it
 SWITCH_HYSTERESIS = 16  # a new route must beat the current one by this much
+# An unfeasible route better than the selected one by a 1/8 of its metric asks for a
+# new seqno; small wobbles of the link costs do not.
+REQUEST_MARGIN_DIV = 8
+# Half-lives of the smoothed metric, seconds: an improvement is believed slowly (as
+# babeld's 4 s), a worsening at once, so a route that got bad loses its advantage
+# quickly and one that looks good for a moment does not win.
+SMOOTH_HALF_LIFE = 12.0
+SMOOTH_HALF_LIFE_UP = 1.0
 SIG_CACHE_SIZE = 16384
 MAX_PATH_MTU = 65535  # what the origin announces: no link limits it yet
 MIN_PATH_MTU = 64  # below this an update is malformed (no link can be that small)
@@ -212,6 +220,25 @@ class RouteEntry:
     updated: float
     frame_seq: int  # the neighbour's routing frame that carried it
     mtu: int = MAX_PATH_MTU  # path MTU through this neighbour (our link included)
+    # Time-smoothed route metric (ours, link cost included), for hysteresis: a route
+    # whose metric dips for a few seconds (a noisy estimate of a lossy link) does not
+    # win unless its smoothed metric is better too. ``held`` is the metric since
+    # ``smooth_at``; None until first computed.
+    smoothed: float = 0.0
+    held: int = INFINITY
+    smooth_at: float | None = None
+
+    def smooth(self, metric: int, now: float) -> float:
+        """The smoothed metric at ``now`` (the metric was ``held`` until now, ``metric``
+        from now on)."""
+        if self.smooth_at is None or self.held >= INFINITY:
+            self.smoothed = float(metric)
+        else:
+            half = SMOOTH_HALF_LIFE_UP if self.held > self.smoothed else SMOOTH_HALF_LIFE
+            w = 0.5 ** (max(0.0, now - self.smooth_at) / half)
+            self.smoothed = self.held + (self.smoothed - self.held) * w
+        self.held, self.smooth_at = metric, now
+        return self.smoothed
 
 
 @dataclass(slots=True)
@@ -369,34 +396,54 @@ class Router:
     # -- selection ---------------------------------------------------------------------
 
     def reselect(self, origin: bytes, now: float) -> None:
-        cands = self.entries.get(origin, {})
+        """Select the route to ``origin``: the feasible one with the smallest metric,
+        except that the current route stays unless a challenger beats it both now
+        (by SWITCH_HYSTERESIS) and on the smoothed metric."""
         cur = self.selected.get(origin)
-        best: tuple[int, bytes, NeighbourKey, RouteEntry, Neighbour] | None = None
-        keep: tuple[int, RouteEntry, Neighbour] | None = None
-        starving = False
-        for key, e in cands.items():
+        feasible: list[tuple[int, bytes, float, RouteEntry, Neighbour]] = []
+        keep: tuple[int, bytes, float, RouteEntry, Neighbour] | None = None
+        unfeasible: tuple[int, float] | None = None
+        for key, e in self.entries.get(origin, {}).items():
             link = self.links.get(key)
             m = self.route_metric(e, link)
             if m >= INFINITY or link is None:
                 continue
+            cand = (m, bytes(link.sid), e.smooth(m, now), e, link)
             if not self._feasible(origin, e):
-                starving = True
+                if unfeasible is None or cand[:1] < unfeasible[:1]:
+                    unfeasible = (m, cand[2])
                 continue
+            feasible.append(cand)
             if cur is not None and key == cur.nb:
-                keep = (m, e, link)
-            if best is None or (m, bytes(link.sid)) < (best[0], best[1]):
-                best = (m, bytes(link.sid), key, e, link)
-        if best is None:
+                keep = cand
+        if not feasible:
             self._set_selected(origin, None, now)
-            if starving:
-                self._want_request(origin, now)
+            if unfeasible is not None:
+                self._want_request(origin, now)  # starving (RFC 8966 3.8.2.1)
             return
-        if keep is not None and keep[0] <= best[0] + SWITCH_HYSTERESIS:
-            m, e, link = keep
-            key = link.key
+        if keep is not None:
+            k = keep
+            challengers = [
+                c for c in feasible if c[0] + SWITCH_HYSTERESIS < k[0] and c[2] < k[2]
+            ]
+            best = min(challengers, key=lambda c: c[:2]) if challengers else keep
         else:
-            m, _, key, e, link = best
-        self._set_selected(origin, Selected(key, link.sid, m, e.seqno, e.hops, e.sig, e.mtu), now)
+            best = min(feasible, key=lambda c: c[:2])
+        m, _, sm, e, link = best
+        self._set_selected(
+            origin, Selected(link.key, link.sid, m, e.seqno, e.hops, e.sig, e.mtu), now
+        )
+        if (
+            unfeasible is not None
+            and unfeasible[0] + max(SWITCH_HYSTERESIS, m // REQUEST_MARGIN_DIV) < m
+            and unfeasible[1] < sm
+            and self._want_request(origin, now)
+        ):
+            # A clearly better route is blocked only by our own feasibility distance
+            # (we advertised a better metric once, e.g. over a link that has since got
+            # worse): ask for a new seqno, or we stay on the worse path until the
+            # origin happens to raise it (RFC 8966 3.8.2.2).
+            self.counters["request.unfeasible_better"] += 1
 
     def _set_selected(self, origin: bytes, new: Selected | None, now: float) -> None:
         old = self.selected.get(origin)
@@ -411,7 +458,9 @@ class Router:
             return
         self.selected[origin] = new
         self.retracting.pop(origin, None)
-        self.requests_out.pop(origin, None)
+        req = self.requests_out.get(origin)
+        if req is not None and not seqno_newer(req.seqno, new.seqno):
+            del self.requests_out[origin]  # answered
         if old is None or old.nb != new.nb:
             self.dirty[origin] = None
         if (
@@ -435,12 +484,14 @@ class Router:
         elif seqno_newer(new.seqno, old.seqno):
             self._trigger(origin, now)  # carry a fresh seqno on quickly: someone asked for it
 
-    def _want_request(self, origin: bytes, now: float) -> None:
+    def _want_request(self, origin: bytes, now: float) -> bool:
+        """Start a seqno request for ``origin`` unless one is under way (True if started)."""
         fd = self.fd.get(origin)
         if fd is None or origin in self.requests_out:
-            return
+            return False
         self.requests_out[origin] = PendingRequest((fd.seqno + 1) % SEQNO_MOD, now)
         self.pending_at = min(self.pending_at, now)
+        return True
 
     # -- events from the neighbour layer -----------------------------------------------
 
@@ -653,7 +704,7 @@ class Router:
         for origin, req in list(self.requests_out.items()):
             if now < req.next_at:
                 continue
-            if origin in self.selected or req.tries >= self.request_retries:
+            if req.tries >= self.request_retries:
                 del self.requests_out[origin]
                 continue
             req.tries += 1

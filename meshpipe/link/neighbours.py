@@ -17,6 +17,10 @@ as duplicates for loss accounting and read every IHU. Replays are refused: a hel
 with an older seqno than the newest heard, a copy of the current one arriving more
 than half an interval late, or an old hello of a neighbour dropped for silence
 (its last seqno is remembered for an hour) counts as stale, not as a sign of life.
+A neighbour dropped for silence that comes back (same epoch, newer seqno) resumes
+its hello history: the hellos it missed meanwhile count as missed, so a lossy link
+that times out now and then does not come back looking perfect (a fresh history of
+one hello heard of one expected would cost 256 and pull routes onto it).
 
 Link quality (Babel-style, RFC 8966 appendix A):
 
@@ -247,6 +251,23 @@ class Neighbour:
         self.seq_at = now  # that hello may still straggle in a moment late
 
 
+@dataclass(slots=True)
+class Tombstone:
+    """What is remembered of a neighbour dropped for silence."""
+
+    seqno: int  # the last hello seqno really heard
+    at: float  # when it was dropped
+    history: int
+    history_len: int
+    srtt_ms: float | None
+
+    def resume(self, nb: Neighbour, seqno: int, now: float) -> None:
+        """Carry the old history into ``nb`` (just made from hello ``seqno``)."""
+        nb.history, nb.history_len, nb.srtt_ms = self.history, self.history_len, self.srtt_ms
+        nb.last_seqno = self.seqno
+        nb.record_seqno(seqno, now)  # the gap since the last one heard counts as missed
+
+
 @dataclass
 class HelloResult:
     """What one accepted hello changed."""
@@ -293,9 +314,9 @@ class NeighbourTable:
         self.by_sid: dict[bytes, dict[NeighbourKey, Neighbour]] = {}
         # Random start so a neighbour cannot confuse our seqnos with a previous boot's.
         self.seqno = [rng.randrange(HELLO_SEQNO_MOD) for _ in range(n_ifaces)]
-        # (sid, epoch) of neighbours dropped for silence -> (last seqno heard, when):
-        # a replay of their old hellos must not bring them back.
-        self.tombstones: dict[tuple[bytes, int], tuple[int, float]] = {}
+        # (sid, epoch) of neighbours dropped for silence: a replay of their old hellos
+        # must not bring them back, and a real return resumes their link history.
+        self.tombstones: dict[tuple[bytes, int], Tombstone] = {}
 
     def __iter__(self) -> Iterator[Neighbour]:
         return iter(self.by_key.values())
@@ -365,10 +386,12 @@ class NeighbourTable:
         if nb is None:
             tomb = self.tombstones.get((bytes(h.sid), h.epoch))
             if tomb is not None:
-                if not 0 < (h.seqno - tomb[0]) % HELLO_SEQNO_MOD < HELLO_SEQNO_MOD // 2:
+                if not 0 < (h.seqno - tomb.seqno) % HELLO_SEQNO_MOD < HELLO_SEQNO_MOD // 2:
                     return None
                 del self.tombstones[(bytes(h.sid), h.epoch)]
             nb = _new_neighbour(iface, src, h, now)
+            if tomb is not None:
+                tomb.resume(nb, h.seqno, now)
             self.by_key[key] = nb
             self.by_sid.setdefault(bytes(nb.sid), {})[key] = nb
             new = True
@@ -418,13 +441,15 @@ class NeighbourTable:
     def tick(self, now: float) -> TickResult:
         """Count missed hellos, lapse stale IHUs, drop silent neighbours."""
         res = TickResult()
-        for k in [k for k, (_, at) in self.tombstones.items() if now >= at + TOMBSTONE_TIME]:
+        for k in [k for k, t in self.tombstones.items() if now >= t.at + TOMBSTONE_TIME]:
             del self.tombstones[k]
         for nb in list(self.by_key.values()):
             timeout = self.timeout_of(nb)
             if now >= nb.last_heard + timeout:
                 self._remove(nb)
-                self.tombstones[(bytes(nb.sid), nb.epoch)] = (nb.heard_seqno, now)
+                self.tombstones[(bytes(nb.sid), nb.epoch)] = Tombstone(
+                    nb.heard_seqno, now, nb.history, nb.history_len, nb.srtt_ms
+                )
                 res.dropped.append(nb)
                 continue
             while now >= nb.expect_at:
