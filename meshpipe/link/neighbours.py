@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from meshpipe import wire
 from meshpipe.actions import LinkAddr
-from meshpipe.errors import FrameError
+from meshpipe.errors import FrameError, MeshpipeError
 from meshpipe.identity import SID_LEN, SIG_LEN, Identity, Sid
 
 HELLO_DOMAIN = b"meshpipe-hello-v1"
@@ -72,12 +72,19 @@ RTT_SLOPE = 8.0  # ms of RTT per unit of cost above RTT_FREE_MS
 RTT_MAX_PENALTY = 64
 MAX_RTT_SAMPLE_US = 10_000_000  # anything larger is a stale or bogus echo
 TOMBSTONE_TIME = 3600.0  # how long the last seqno of a dropped neighbour is remembered
+DEFAULT_MAX_NEIGHBOURS = 256  # per interface
+TOMBSTONES_PER_NEIGHBOUR = 4  # tombstones kept: this many times the neighbour cap
 
 NeighbourKey = tuple[int, LinkAddr]
 
 
 class BadSignature(FrameError):
     """A well-formed hello whose signature does not verify."""
+
+
+class NeighbourTableFull(MeshpipeError):
+    """A hello from a new (interface, address) on an interface whose neighbour table is
+    at its cap: refused unverified; neighbours already held are never evicted for it."""
 
 
 def timestamp_us(now: float) -> int:
@@ -301,8 +308,12 @@ class NeighbourTable:
         rng: random.Random,
         iface_hello_intervals: Sequence[float] = (),
         iface_timeouts: Sequence[float] = (),
+        max_neighbours: int = DEFAULT_MAX_NEIGHBOURS,
     ) -> None:
         self.identity = identity
+        self.max_neighbours = max_neighbours
+        self._per_iface = [0] * n_ifaces
+        self.max_tombstones = TOMBSTONES_PER_NEIGHBOUR * max_neighbours * max(1, n_ifaces)
         self.sid = identity.sid
         self.hello_interval = hello_interval
         self.neighbour_timeout = neighbour_timeout
@@ -364,13 +375,19 @@ class NeighbourTable:
     def on_hello(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> HelloResult | None:
         """Account one hello frame; None if it is a stale copy (see below).
 
-        Raises FrameError (malformed) or BadSignature.
+        Raises FrameError (malformed), BadSignature or NeighbourTableFull.
         """
         signed = decode_hello(frame)
         h = signed.hello
+        key: NeighbourKey = (iface, src)
+        if (
+            key not in self.by_key
+            and h.sid != self.sid
+            and self._per_iface[iface] >= self.max_neighbours
+        ):
+            raise NeighbourTableFull(f"{self.max_neighbours} neighbours on interface {iface}")
         if not signed.verify():
             raise BadSignature(f"hello from {src!r} with a bad signature for {h.sid.short}")
-        key: NeighbourKey = (iface, src)
         if h.sid == self.sid:
             # Our own multicast looped back (or someone replaying it): never a neighbour.
             return HelloResult(neighbour=_new_neighbour(iface, src, h, now), own=True)
@@ -393,6 +410,7 @@ class NeighbourTable:
             if tomb is not None:
                 tomb.resume(nb, h.seqno, now)
             self.by_key[key] = nb
+            self._per_iface[iface] += 1
             self.by_sid.setdefault(bytes(nb.sid), {})[key] = nb
             new = True
         else:
@@ -450,6 +468,10 @@ class NeighbourTable:
                 self.tombstones[(bytes(nb.sid), nb.epoch)] = Tombstone(
                     nb.heard_seqno, now, nb.history, nb.history_len, nb.srtt_ms
                 )
+                if len(self.tombstones) > self.max_tombstones:
+                    # Oldest first (insertion order): fresh keys that come and go
+                    # must not grow this without bound.
+                    del self.tombstones[next(iter(self.tombstones))]
                 res.dropped.append(nb)
                 continue
             while now >= nb.expect_at:
@@ -473,7 +495,8 @@ class NeighbourTable:
         return t
 
     def _remove(self, nb: Neighbour) -> None:
-        self.by_key.pop(nb.key, None)
+        if self.by_key.pop(nb.key, None) is not None:
+            self._per_iface[nb.iface] -= 1
         peers = self.by_sid.get(bytes(nb.sid))
         if peers is not None:
             peers.pop(nb.key, None)
