@@ -8,7 +8,11 @@ Counters (``NodeCore.counters``, stable names):
 
 * drops: ``drop.malformed`` (any frame that fails to parse), ``drop.bad_signature``
   (hello signature), ``drop.forged_route`` (route update signature),
-  ``drop.route_hop_limit`` (update hop count > 64), ``drop.unknown_neighbour``
+  ``drop.route_hop_limit`` (update hop count > 64), ``drop.route_table_full`` and
+  ``drop.route_neighbour_full`` (a new route entry past ``Limits.max_routes`` /
+  ``max_routes_per_neighbour``: refused before its signature is checked),
+  ``drop.neighbour_table_full`` (a hello from a new address past
+  ``Limits.max_neighbours`` on that interface), ``drop.unknown_neighbour``
   (routing frame from an address we have no hello from), ``drop.hop_limit`` (DATA
   whose hop limit ran out), ``drop.too_big`` (DATA longer than the outgoing MTU),
   ``drop.bad_iface``, ``drop.internal_error`` (a bug: should stay 0);
@@ -18,14 +22,22 @@ Counters (``NodeCore.counters``, stable names):
   ``update.dump``, ``update.triggered``, ``update.stale`` (overtaken by a newer
   frame), ``sig.verified``, ``sig.cache_hit``,
   ``request.rx``, ``request.tx``, ``request.forwarded``, ``request.unroutable``,
-  ``request.dropped``, ``seqno.bumped`` (a request raised our seqno),
-  ``seqno.jump`` (we heard our own SID with a newer seqno);
+  ``request.dropped``, ``request.unfeasible_better`` (we asked for a new seqno
+  because an unfeasible route is clearly better than the selected one),
+  ``seqno.bumped`` (a request raised our seqno, by one), ``seqno.bump_limited``
+  (a request within request_timeout of the last raise: not honoured),
+  ``seqno.jump`` (we heard our own SID with a newer seqno), ``update.metric_clamped``
+  (a neighbour claimed less than a perfect link per hop, or 0 hops from an origin
+  other than itself), ``source.gc_early`` (feasibility distances dropped early
+  under churn);
 * neighbours: ``peer.up``, ``peer.down``, ``peer.restarted``;
 * data: ``data.sent``, ``data.forwarded``, ``data.delivered``, ``data.no_route``.
 
 Events: ``peer.up`` / ``peer.down`` / ``peer.restarted`` (sid, iface, addr),
 ``route.changed`` (sid, next_hop, hops, metric; or sid, retracted), ``route.forged``
-(origin, from, seqno), ``frame.error`` (internal errors only).
+(origin, from, seqno), ``route.refused`` (from, reason, refused counts since the last
+one; at most every 10 s), ``peer.refused`` (iface, addr, refused; at most every
+10 s), ``frame.error`` (internal errors only).
 """
 
 from __future__ import annotations
@@ -52,12 +64,23 @@ from meshpipe.errors import FrameError
 from meshpipe.forwarding import Forwarder
 from meshpipe.identity import Identity, Sid
 from meshpipe.link.neighbours import (
+    DEFAULT_MAX_NEIGHBOURS,
     INFINITY,
     BadSignature,
     Neighbour,
     NeighbourTable,
+    NeighbourTableFull,
 )
-from meshpipe.routing import SEQNO_MOD, Outgoing, Router, decode_routing, pack_routing
+from meshpipe.routing import (
+    DEFAULT_MAX_ROUTES,
+    DEFAULT_MAX_ROUTES_PER_NEIGHBOUR,
+    REFUSED_LOG_INTERVAL,
+    SEQNO_MOD,
+    Outgoing,
+    Router,
+    decode_routing,
+    pack_routing,
+)
 
 # A signed hello with one IHU (176 bytes at most) and one signed route update
 # (120 bytes) must fit; 192 leaves room for split_hello's slack and lets a
@@ -100,6 +123,20 @@ class Timing:
     triggered_delay: float = 0.02  # batches triggered updates caused by one burst of frames
     source_gc: float = 180.0  # forget the feasibility distance of an origin unseen this long
     jitter: float = 0.1  # timers fire up to this fraction early, against synchronisation
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on the tables a neighbour can grow (see docs/threat-model.md, Routing).
+
+    Past a cap a newcomer is refused (counted, logged at most every 10 s); what is
+    held is never evicted for it.
+    """
+
+    max_routes: int = DEFAULT_MAX_ROUTES  # origins in the route table
+    # Route entries learnt from one neighbour, so one cannot take the whole table.
+    max_routes_per_neighbour: int = DEFAULT_MAX_ROUTES_PER_NEIGHBOUR
+    max_neighbours: int = DEFAULT_MAX_NEIGHBOURS  # per interface
 
 
 @dataclass(frozen=True)
@@ -175,6 +212,7 @@ class NodeCore:
         timing: Timing = Timing(),  # frozen, so sharing the default is safe
         now: float = 0.0,
         rng: random.Random | None = None,
+        limits: Limits = Limits(),  # frozen too
     ) -> None:
         for p in interfaces:
             if p.mtu < MIN_MTU:
@@ -198,7 +236,9 @@ class NodeCore:
             rng=self.rng,
             iface_hello_intervals=[t.hello_interval for t in self.iface_timing],
             iface_timeouts=[t.neighbour_timeout for t in self.iface_timing],
+            max_neighbours=limits.max_neighbours,
         )
+        self._peer_refused_log_at = -math.inf
         self.router = Router(
             identity,
             self.links.by_key,
@@ -217,6 +257,8 @@ class NodeCore:
             ],
             iface_route_expiry=[p.timing.route_expiry if p.timing else None for p in interfaces],
             iface_mtus=[p.mtu for p in interfaces],
+            max_routes=limits.max_routes,
+            max_routes_per_neighbour=limits.max_routes_per_neighbour,
         )
         # First hellos go out almost at once, spread a little so a mesh booted
         # together does not transmit in lockstep.
@@ -248,6 +290,21 @@ class NodeCore:
                 self._on_data(frame, out)
         except BadSignature:
             self.counters["drop.bad_signature"] += 1
+        except NeighbourTableFull:
+            self.counters["drop.neighbour_table_full"] += 1
+            if now >= self._peer_refused_log_at:
+                self._peer_refused_log_at = now + REFUSED_LOG_INTERVAL
+                out.append(
+                    Event(
+                        "peer.refused",
+                        {
+                            "iface": self.interfaces[iface].name,
+                            "addr": addr_text(src),
+                            "refused": self.counters["drop.neighbour_table_full"],
+                            "max_neighbours": self.links.max_neighbours,
+                        },
+                    )
+                )
         except FrameError:
             self.counters["drop.malformed"] += 1
         except Exception as exc:  # a bug must cost one frame, never the node
@@ -472,6 +529,7 @@ class NodeCore:
 __all__ = [
     "MIN_MTU",
     "InterfaceParams",
+    "Limits",
     "NeighbourInfo",
     "NodeCore",
     "RouteInfo",

@@ -56,10 +56,23 @@ MAX_HOPS = 64  # updates with a larger hop count are dropped
 REQUEST_HOPS = 64  # hop-count limit a seqno request starts with
 MAX_ITEMS = 4096  # per frame and list; no MTU we drive gets near it
 SWITCH_HYSTERESIS = 16  # a new route must beat the current one by this much
+# An unfeasible route better than the selected one by a 1/8 of its metric asks for a
+# new seqno; small wobbles of the link costs do not.
+REQUEST_MARGIN_DIV = 8
+# Half-lives of the smoothed metric, seconds: an improvement is believed slowly (as
+# babeld's 4 s), a worsening at once, so a route that got bad loses its advantage
+# quickly and one that looks good for a moment does not win.
+SMOOTH_HALF_LIFE = 12.0
+SMOOTH_HALF_LIFE_UP = 1.0
 SIG_CACHE_SIZE = 16384
 MAX_PATH_MTU = 65535  # what the origin announces: no link limits it yet
 MIN_PATH_MTU = 64  # below this an update is malformed (no link can be that small)
 FRAME_OVERHEAD = 16  # kind byte, outer array, frame seq, the two list headers; generously
+MIN_LINK_COST = 256  # what a perfect link costs (meshpipe.link.neighbours): metric floor per hop
+DEFAULT_MAX_ROUTES = 4096  # origins in the table
+DEFAULT_MAX_ROUTES_PER_NEIGHBOUR = 2048  # route entries learnt from one neighbour
+REFUSED_LOG_INTERVAL = 10.0  # route.refused is logged at most this often
+MAX_FORWARDED_REQUESTS = 1024  # (origin, seqno) tags of requests forwarded recently
 
 
 def seqno_newer(a: int, b: int) -> bool:
@@ -212,6 +225,25 @@ class RouteEntry:
     updated: float
     frame_seq: int  # the neighbour's routing frame that carried it
     mtu: int = MAX_PATH_MTU  # path MTU through this neighbour (our link included)
+    # Time-smoothed route metric (ours, link cost included), for hysteresis: a route
+    # whose metric dips for a few seconds (a noisy estimate of a lossy link) does not
+    # win unless its smoothed metric is better too. ``held`` is the metric since
+    # ``smooth_at``; None until first computed.
+    smoothed: float = 0.0
+    held: int = INFINITY
+    smooth_at: float | None = None
+
+    def smooth(self, metric: int, now: float) -> float:
+        """The smoothed metric at ``now`` (the metric was ``held`` until now, ``metric``
+        from now on)."""
+        if self.smooth_at is None or self.held >= INFINITY:
+            self.smoothed = float(metric)
+        else:
+            half = SMOOTH_HALF_LIFE_UP if self.held > self.smoothed else SMOOTH_HALF_LIFE
+            w = 0.5 ** (max(0.0, now - self.smooth_at) / half)
+            self.smoothed = self.held + (self.smoothed - self.held) * w
+        self.held, self.smooth_at = metric, now
+        return self.smoothed
 
 
 @dataclass(slots=True)
@@ -277,8 +309,18 @@ class Router:
         iface_update_intervals: Sequence[float | None] = (),
         iface_route_expiry: Sequence[float | None] = (),
         iface_mtus: Sequence[int] = (),
+        max_routes: int = DEFAULT_MAX_ROUTES,
+        max_routes_per_neighbour: int = DEFAULT_MAX_ROUTES_PER_NEIGHBOUR,
     ) -> None:
         self.identity = identity
+        self.max_routes = max_routes
+        self.max_routes_per_neighbour = max_routes_per_neighbour
+        # Refusals since the last route.refused event, and when the next may go out.
+        self._refused: Counter[str] = Counter()
+        self._refused_log_at = -math.inf
+        # Our own seqno rises at most once per request_timeout on requests
+        # (RFC 8966 3.8.1.2: by one, never to what the requester names).
+        self._bump_ok_at = -math.inf
         self.iface_mtus = tuple(iface_mtus)
         self.sid = identity.sid
         self.links = links
@@ -299,6 +341,10 @@ class Router:
         # Ordered sets (dicts) throughout: iteration order must not depend on the
         # per-process hash seed, or a simulation would not replay from its seed.
         self.by_nb: dict[NeighbourKey, dict[bytes, None]] = {}
+        # Per-ingress accounting: the neighbour each origin is charged to (the one
+        # that brought it in, then an heir) and how many origins each one holds.
+        self.charged_to: dict[bytes, NeighbourKey] = {}
+        self.charged: dict[NeighbourKey, int] = {}
         self.selected: dict[bytes, Selected] = {}
         self.fd: dict[bytes, Source] = {}
         self.retracting: dict[bytes, tuple[int, bytes, float]] = {}  # origin -> seqno, sig, until
@@ -369,34 +415,54 @@ class Router:
     # -- selection ---------------------------------------------------------------------
 
     def reselect(self, origin: bytes, now: float) -> None:
-        cands = self.entries.get(origin, {})
+        """Select the route to ``origin``: the feasible one with the smallest metric,
+        except that the current route stays unless a challenger beats it both now
+        (by SWITCH_HYSTERESIS) and on the smoothed metric."""
         cur = self.selected.get(origin)
-        best: tuple[int, bytes, NeighbourKey, RouteEntry, Neighbour] | None = None
-        keep: tuple[int, RouteEntry, Neighbour] | None = None
-        starving = False
-        for key, e in cands.items():
+        feasible: list[tuple[int, bytes, float, RouteEntry, Neighbour]] = []
+        keep: tuple[int, bytes, float, RouteEntry, Neighbour] | None = None
+        unfeasible: tuple[int, float] | None = None
+        for key, e in self.entries.get(origin, {}).items():
             link = self.links.get(key)
             m = self.route_metric(e, link)
             if m >= INFINITY or link is None:
                 continue
+            cand = (m, bytes(link.sid), e.smooth(m, now), e, link)
             if not self._feasible(origin, e):
-                starving = True
+                if unfeasible is None or cand[:1] < unfeasible[:1]:
+                    unfeasible = (m, cand[2])
                 continue
+            feasible.append(cand)
             if cur is not None and key == cur.nb:
-                keep = (m, e, link)
-            if best is None or (m, bytes(link.sid)) < (best[0], best[1]):
-                best = (m, bytes(link.sid), key, e, link)
-        if best is None:
+                keep = cand
+        if not feasible:
             self._set_selected(origin, None, now)
-            if starving:
-                self._want_request(origin, now)
+            if unfeasible is not None:
+                self._want_request(origin, now)  # starving (RFC 8966 3.8.2.1)
             return
-        if keep is not None and keep[0] <= best[0] + SWITCH_HYSTERESIS:
-            m, e, link = keep
-            key = link.key
+        if keep is not None:
+            k = keep
+            challengers = [
+                c for c in feasible if c[0] + SWITCH_HYSTERESIS < k[0] and c[2] < k[2]
+            ]
+            best = min(challengers, key=lambda c: c[:2]) if challengers else keep
         else:
-            m, _, key, e, link = best
-        self._set_selected(origin, Selected(key, link.sid, m, e.seqno, e.hops, e.sig, e.mtu), now)
+            best = min(feasible, key=lambda c: c[:2])
+        m, _, sm, e, link = best
+        self._set_selected(
+            origin, Selected(link.key, link.sid, m, e.seqno, e.hops, e.sig, e.mtu), now
+        )
+        if (
+            unfeasible is not None
+            and unfeasible[0] + max(SWITCH_HYSTERESIS, m // REQUEST_MARGIN_DIV) < m
+            and unfeasible[1] < sm
+            and self._want_request(origin, now)
+        ):
+            # A clearly better route is blocked only by our own feasibility distance
+            # (we advertised a better metric once, e.g. over a link that has since got
+            # worse): ask for a new seqno, or we stay on the worse path until the
+            # origin happens to raise it (RFC 8966 3.8.2.2).
+            self.counters["request.unfeasible_better"] += 1
 
     def _set_selected(self, origin: bytes, new: Selected | None, now: float) -> None:
         old = self.selected.get(origin)
@@ -411,7 +477,9 @@ class Router:
             return
         self.selected[origin] = new
         self.retracting.pop(origin, None)
-        self.requests_out.pop(origin, None)
+        req = self.requests_out.get(origin)
+        if req is not None and not seqno_newer(req.seqno, new.seqno):
+            del self.requests_out[origin]  # answered
         if old is None or old.nb != new.nb:
             self.dirty[origin] = None
         if (
@@ -435,12 +503,14 @@ class Router:
         elif seqno_newer(new.seqno, old.seqno):
             self._trigger(origin, now)  # carry a fresh seqno on quickly: someone asked for it
 
-    def _want_request(self, origin: bytes, now: float) -> None:
+    def _want_request(self, origin: bytes, now: float) -> bool:
+        """Start a seqno request for ``origin`` unless one is under way (True if started)."""
         fd = self.fd.get(origin)
         if fd is None or origin in self.requests_out:
-            return
+            return False
         self.requests_out[origin] = PendingRequest((fd.seqno + 1) % SEQNO_MOD, now)
         self.pending_at = min(self.pending_at, now)
+        return True
 
     # -- events from the neighbour layer -----------------------------------------------
 
@@ -454,13 +524,38 @@ class Router:
         self.pending_at = min(self.pending_at, now)
 
     def neighbour_lost(self, key: NeighbourKey, now: float) -> None:
-        for origin in self.by_nb.pop(key, {}):
-            es = self.entries.get(origin)
-            if es is not None:
-                es.pop(key, None)
-                if not es:
-                    del self.entries[origin]
+        for origin in list(self.by_nb.get(key, ())):
+            self._drop_entry(origin, key)
             self.reselect(origin, now)
+
+    def _drop_entry(self, origin: bytes, key: NeighbourKey) -> None:
+        """Forget what ``key`` told us about ``origin``; the origin's charge passes to
+        another neighbour that announces it, if any."""
+        es = self.entries.get(origin)
+        if es is not None:
+            es.pop(key, None)
+            if not es:
+                del self.entries[origin]
+        nbset = self.by_nb.get(key)
+        if nbset is not None:
+            nbset.pop(origin, None)
+            if not nbset:
+                del self.by_nb[key]
+        if self.charged_to.get(origin) == key:
+            self._uncharge(key)
+            if es:
+                heir = next(iter(es))
+                self.charged_to[origin] = heir
+                self.charged[heir] = self.charged.get(heir, 0) + 1
+            else:
+                del self.charged_to[origin]
+
+    def _uncharge(self, key: NeighbourKey) -> None:
+        left = self.charged[key] - 1
+        if left:
+            self.charged[key] = left
+        else:
+            del self.charged[key]
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -480,6 +575,11 @@ class Router:
         if u.hops > MAX_HOPS:
             self.counters["drop.route_hop_limit"] += 1
             return
+        origin = bytes(u.origin)
+        es = self.entries.get(origin)
+        e = None if es is None else es.get(key)
+        if e is None and origin != self.sid and not self._admit(key, link, es is None, now):
+            return  # refused before the (expensive) signature check, never re-flooded
         before = self.sigs.verified
         ok = self.sigs.check(u.origin, u.seqno, u.sig)
         self.counters["sig.verified" if self.sigs.verified != before else "sig.cache_hit"] += 1
@@ -492,16 +592,23 @@ class Router:
                 )
             )
             return
-        origin = bytes(u.origin)
         if origin == self.sid:
             if seqno_newer(u.seqno, self.seqno):
-                # We restarted and forgot our seqno: jump past what the mesh remembers.
+                # We restarted and forgot our seqno: jump past what the mesh remembers
+                # (only a seqno we signed ourselves can get here).
                 self.seqno = (u.seqno + 1) % SEQNO_MOD
                 self.counters["seqno.jump"] += 1
                 self._trigger(origin, now)
             return
-        es = self.entries.setdefault(origin, {})
-        e = es.get(key)
+        metric, hops = u.metric, u.hops
+        if origin != bytes(link.sid) and metric < INFINITY:
+            # Nobody but the origin itself is 0 hops from it, and every hop costs at
+            # least a perfect link: a neighbour cannot claim less than that.
+            hops = max(1, hops)
+            floor = min(INFINITY - 1, MIN_LINK_COST * hops)
+            if metric < floor or hops != u.hops:
+                self.counters["update.metric_clamped"] += 1
+                metric = max(metric, floor)
         mtu = min(u.mtu, self.iface_mtu(key[0]))
         if e is not None and seqno_newer(e.frame_seq, fseq):
             self.counters["update.stale"] += 1
@@ -509,13 +616,17 @@ class Router:
         if e is None:
             # A retraction is kept too (as an unusable entry until it expires), so
             # an older announcement overtaken by it on the link stays overridden.
-            es[key] = RouteEntry(u.seqno, u.metric, u.hops + 1, u.sig, now, fseq, mtu)
+            if es is None:
+                es = self.entries[origin] = {}
+                self.charged_to[origin] = key
+                self.charged[key] = self.charged.get(key, 0) + 1
+            es[key] = RouteEntry(u.seqno, metric, hops + 1, u.sig, now, fseq, mtu)
             self.by_nb.setdefault(key, {})[origin] = None
         else:
             e.seqno, e.adv_metric, e.hops, e.sig, e.updated, e.frame_seq, e.mtu = (
                 u.seqno,
-                u.metric,
-                u.hops + 1,
+                metric,
+                hops + 1,
                 u.sig,
                 now,
                 fseq,
@@ -523,12 +634,55 @@ class Router:
             )
         self.reselect(origin, now)
 
+    def _admit(self, key: NeighbourKey, link: Neighbour, new_origin: bool, now: float) -> bool:
+        """May ``key`` add a route entry (for a ``new_origin``, or one it had none for)?
+
+        A new origin is charged to the neighbour that brought it in, so its
+        neighbours re-announcing a flood's admitted part do not spend their own
+        budget. Entries already held are never evicted for newcomers: past a cap,
+        the newcomer is refused, counted and logged (rate-limited)."""
+        if not new_origin:
+            return True  # one entry per (origin, neighbour): bounded by the origin cap
+        if len(self.entries) >= self.max_routes:
+            reason = "route_table_full"
+        elif self.charged.get(key, 0) >= self.max_routes_per_neighbour:
+            reason = "route_neighbour_full"
+        else:
+            return True
+        self.counters["drop." + reason] += 1
+        self._refused[reason] += 1
+        if now >= self._refused_log_at:
+            self._refused_log_at = now + REFUSED_LOG_INTERVAL
+            self.events.append(
+                Event(
+                    "route.refused",
+                    {
+                        "from": link.sid.short,
+                        "reason": reason,
+                        "refused": dict(self._refused),  # since the last route.refused
+                        "routes": len(self.entries),
+                        "max_routes": self.max_routes,
+                        "max_routes_per_neighbour": self.max_routes_per_neighbour,
+                    },
+                )
+            )
+            self._refused.clear()
+        return False
+
     def _on_request(self, key: NeighbourKey, link: Neighbour, r: SeqnoRequest, now: float) -> None:
         self.counters["request.rx"] += 1
         origin = bytes(r.origin)
         if origin == self.sid:
             if seqno_newer(r.seqno, self.seqno):
-                self.seqno = r.seqno
+                if now < self._bump_ok_at:
+                    # Raised moments ago and announced: the requester gets that one.
+                    self.counters["seqno.bump_limited"] += 1
+                    return
+                # One step, whatever the request names: a neighbour asking for
+                # seqno + 2^31 - 1 twice must not wrap us back to numbers whose old
+                # signed announcements could then be replayed as new.
+                self.seqno = (self.seqno + 1) % SEQNO_MOD
+                self._bump_ok_at = now + self.request_timeout
                 self.counters["seqno.bumped"] += 1
             self._trigger(origin, now)
             return
@@ -545,6 +699,9 @@ class Router:
         tag = (origin, r.seqno)
         if now < self.forwarded.get(tag, -math.inf) + self.request_timeout:
             return  # already forwarded recently (several starving neighbours ask at once)
+        if tag not in self.forwarded and len(self.forwarded) >= MAX_FORWARDED_REQUESTS:
+            self.counters["request.dropped"] += 1  # a flood of distinct requests
+            return
         self.forwarded[tag] = now
         self.counters["request.forwarded"] += 1
         fwd = SeqnoRequest(origin, r.seqno, r.hop_count - 1)
@@ -567,26 +724,25 @@ class Router:
             if not stale:
                 continue
             for k in stale:
-                del es[k]
-                nbset = self.by_nb.get(k)
-                if nbset is not None:
-                    nbset.pop(origin, None)
-                    if not nbset:
-                        del self.by_nb[k]
-            if not es:
-                del self.entries[origin]
+                self._drop_entry(origin, k)
             self.reselect(origin, now)
         for origin in [o for o, (_, _, until) in self.retracting.items() if now >= until]:
             del self.retracting[origin]
-        for origin in [
-            o
+        unused = [
+            (src.touched, o)
             for o, src in self.fd.items()
-            if now >= src.touched + self.source_gc
-            and o not in self.entries
-            and o not in self.selected
-            and o not in self.retracting
-        ]:
-            del self.fd[origin]
+            if o not in self.entries and o not in self.selected and o not in self.retracting
+        ]
+        # Feasibility distances of origins nobody announces any more go after
+        # source_gc, or sooner, oldest first, when a churn of origins (fresh keys
+        # announced and dropped again) would grow them past twice the route cap.
+        excess = len(self.fd) - 2 * self.max_routes
+        if excess > 0:
+            unused.sort()
+            self.counters["source.gc_early"] += min(excess, len(unused))
+        for i, (touched, origin) in enumerate(unused):
+            if i < excess or now >= touched + self.source_gc:
+                del self.fd[origin]
         for tag in [t for t, at in self.forwarded.items() if now >= at + self.request_timeout]:
             del self.forwarded[tag]
 
@@ -653,7 +809,7 @@ class Router:
         for origin, req in list(self.requests_out.items()):
             if now < req.next_at:
                 continue
-            if origin in self.selected or req.tries >= self.request_retries:
+            if req.tries >= self.request_retries:
                 del self.requests_out[origin]
                 continue
             req.tries += 1

@@ -278,6 +278,23 @@ def test_neighbour_returns_after_partition_heals() -> None:
     assert [e.name for _, e in mesh.events["a"]].count("peer.up") == 2
 
 
+def test_returning_neighbour_resumes_its_history() -> None:
+    """A neighbour dropped for silence comes back with the hellos it missed counted as
+    missed, not with a fresh one-of-one history that makes a lossy link look perfect."""
+    mesh = pair()
+    mesh.run_until(20.0)  # a full window of heard hellos
+    mesh.partition("a", "b")
+    mesh.run_for(TIMING.neighbour_timeout + 1.0)
+    a = mesh.node_as("a", NodeCore)
+    assert a.neighbours() == []
+    mesh.heal("a", "b")
+    mesh.run_for(1.5)
+    (nb,) = a.neighbours()
+    # The 5-7 hellos sent during the partition count as missed.
+    assert 0.2 <= nb.loss_in <= 0.6
+    assert nb.cost > 256
+
+
 def test_restart_is_detected_by_epoch() -> None:
     mesh = pair()
     mesh.run_until(5.0)

@@ -211,11 +211,11 @@ def test_infeasible_update_for_selected_route_starves_and_requests() -> None:
 
 def test_hysteresis_keeps_current_route_unless_clearly_better() -> None:
     h = Harness()
-    h.hear(K1, upd(5, 256))
-    h.hear(K2, upd(5, 250))  # 6 better: not worth a switch
+    h.hear(K1, upd(5, 400))
+    h.hear(K2, upd(5, 390))  # 10 better: not worth a switch
     assert h.selected()[0] == K1  # type: ignore[index]
-    h.hear(K2, upd(5, 200))  # 56 better: switch
-    assert h.selected() == (K2, 456, 5, 2)
+    h.hear(K2, upd(5, 300))  # 100 better: switch
+    assert h.selected() == (K2, 556, 5, 2)
 
 
 def test_link_cost_change_reselects() -> None:
@@ -235,8 +235,8 @@ def test_hop_limit_on_updates() -> None:
     h = Harness()
     h.hear(K1, upd(5, 256, MAX_HOPS + 1))
     assert h.selected() is None and h.counters["drop.route_hop_limit"] == 1
-    h.hear(K1, upd(5, 256, MAX_HOPS))
-    assert h.selected() == (K1, 512, 5, MAX_HOPS + 1)
+    h.hear(K1, upd(5, 256 * MAX_HOPS, MAX_HOPS))
+    assert h.selected() == (K1, 256 * MAX_HOPS + 256, 5, MAX_HOPS + 1)
     # We hold it but do not pass on a route that is already too long.
     assert [u for u in linkwide_updates(h.flush()) if u.origin == bytes(ORIG.sid)] == []
 
@@ -305,13 +305,19 @@ def test_request_for_own_route_bumps_seqno() -> None:
     o = Harness(me=ORIG)
     assert o.router.seqno == 0
     o.hear(K1, requests=[SeqnoRequest(bytes(ORIG.sid), 4, 60)])
-    assert o.router.seqno == 4 and o.counters["seqno.bumped"] == 1
+    # One step, whatever the request names (RFC 8966 3.8.1.2).
+    assert o.router.seqno == 1 and o.counters["seqno.bumped"] == 1
     (own,) = [u for u in linkwide_updates(o.flush()) if u.origin == bytes(ORIG.sid)]
-    assert (own.seqno, own.metric, own.hops) == (4, 0, 0)
-    assert ORIG.sid.verify(route_message(ORIG.sid, 4), own.sig)
+    assert (own.seqno, own.metric, own.hops) == (1, 0, 0)
+    assert ORIG.sid.verify(route_message(ORIG.sid, 1), own.sig)
     # An older request does not move it back; it is answered with the current seqno.
-    o.hear(K1, requests=[SeqnoRequest(bytes(ORIG.sid), 2, 60)])
-    assert o.router.seqno == 4
+    o.hear(K1, requests=[SeqnoRequest(bytes(ORIG.sid), 0, 60)], now=5.0)
+    assert o.router.seqno == 1
+    # A newer one within request_timeout of the last raise is not honoured again.
+    o.hear(K1, requests=[SeqnoRequest(bytes(ORIG.sid), 9, 60)], now=1.5)
+    assert o.router.seqno == 1 and o.counters["seqno.bump_limited"] == 1
+    o.hear(K1, requests=[SeqnoRequest(bytes(ORIG.sid), 9, 60)], now=2.5)
+    assert o.router.seqno == 2
 
 
 def test_hearing_own_sid_with_newer_seqno_jumps() -> None:

@@ -17,6 +17,10 @@ as duplicates for loss accounting and read every IHU. Replays are refused: a hel
 with an older seqno than the newest heard, a copy of the current one arriving more
 than half an interval late, or an old hello of a neighbour dropped for silence
 (its last seqno is remembered for an hour) counts as stale, not as a sign of life.
+A neighbour dropped for silence that comes back (same epoch, newer seqno) resumes
+its hello history: the hellos it missed meanwhile count as missed, so a lossy link
+that times out now and then does not come back looking perfect (a fresh history of
+one hello heard of one expected would cost 256 and pull routes onto it).
 
 Link quality (Babel-style, RFC 8966 appendix A):
 
@@ -50,7 +54,7 @@ from dataclasses import dataclass, field
 
 from meshpipe import wire
 from meshpipe.actions import LinkAddr
-from meshpipe.errors import FrameError
+from meshpipe.errors import FrameError, MeshpipeError
 from meshpipe.identity import SID_LEN, SIG_LEN, Identity, Sid
 
 HELLO_DOMAIN = b"meshpipe-hello-v1"
@@ -68,12 +72,19 @@ RTT_SLOPE = 8.0  # ms of RTT per unit of cost above RTT_FREE_MS
 RTT_MAX_PENALTY = 64
 MAX_RTT_SAMPLE_US = 10_000_000  # anything larger is a stale or bogus echo
 TOMBSTONE_TIME = 3600.0  # how long the last seqno of a dropped neighbour is remembered
+DEFAULT_MAX_NEIGHBOURS = 256  # per interface
+TOMBSTONES_PER_NEIGHBOUR = 4  # tombstones kept: this many times the neighbour cap
 
 NeighbourKey = tuple[int, LinkAddr]
 
 
 class BadSignature(FrameError):
     """A well-formed hello whose signature does not verify."""
+
+
+class NeighbourTableFull(MeshpipeError):
+    """A hello from a new (interface, address) on an interface whose neighbour table is
+    at its cap: refused unverified; neighbours already held are never evicted for it."""
 
 
 def timestamp_us(now: float) -> int:
@@ -247,6 +258,23 @@ class Neighbour:
         self.seq_at = now  # that hello may still straggle in a moment late
 
 
+@dataclass(slots=True)
+class Tombstone:
+    """What is remembered of a neighbour dropped for silence."""
+
+    seqno: int  # the last hello seqno really heard
+    at: float  # when it was dropped
+    history: int
+    history_len: int
+    srtt_ms: float | None
+
+    def resume(self, nb: Neighbour, seqno: int, now: float) -> None:
+        """Carry the old history into ``nb`` (just made from hello ``seqno``)."""
+        nb.history, nb.history_len, nb.srtt_ms = self.history, self.history_len, self.srtt_ms
+        nb.last_seqno = self.seqno
+        nb.record_seqno(seqno, now)  # the gap since the last one heard counts as missed
+
+
 @dataclass
 class HelloResult:
     """What one accepted hello changed."""
@@ -280,8 +308,12 @@ class NeighbourTable:
         rng: random.Random,
         iface_hello_intervals: Sequence[float] = (),
         iface_timeouts: Sequence[float] = (),
+        max_neighbours: int = DEFAULT_MAX_NEIGHBOURS,
     ) -> None:
         self.identity = identity
+        self.max_neighbours = max_neighbours
+        self._per_iface = [0] * n_ifaces
+        self.max_tombstones = TOMBSTONES_PER_NEIGHBOUR * max_neighbours * max(1, n_ifaces)
         self.sid = identity.sid
         self.hello_interval = hello_interval
         self.neighbour_timeout = neighbour_timeout
@@ -293,9 +325,9 @@ class NeighbourTable:
         self.by_sid: dict[bytes, dict[NeighbourKey, Neighbour]] = {}
         # Random start so a neighbour cannot confuse our seqnos with a previous boot's.
         self.seqno = [rng.randrange(HELLO_SEQNO_MOD) for _ in range(n_ifaces)]
-        # (sid, epoch) of neighbours dropped for silence -> (last seqno heard, when):
-        # a replay of their old hellos must not bring them back.
-        self.tombstones: dict[tuple[bytes, int], tuple[int, float]] = {}
+        # (sid, epoch) of neighbours dropped for silence: a replay of their old hellos
+        # must not bring them back, and a real return resumes their link history.
+        self.tombstones: dict[tuple[bytes, int], Tombstone] = {}
 
     def __iter__(self) -> Iterator[Neighbour]:
         return iter(self.by_key.values())
@@ -343,13 +375,19 @@ class NeighbourTable:
     def on_hello(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> HelloResult | None:
         """Account one hello frame; None if it is a stale copy (see below).
 
-        Raises FrameError (malformed) or BadSignature.
+        Raises FrameError (malformed), BadSignature or NeighbourTableFull.
         """
         signed = decode_hello(frame)
         h = signed.hello
+        key: NeighbourKey = (iface, src)
+        if (
+            key not in self.by_key
+            and h.sid != self.sid
+            and self._per_iface[iface] >= self.max_neighbours
+        ):
+            raise NeighbourTableFull(f"{self.max_neighbours} neighbours on interface {iface}")
         if not signed.verify():
             raise BadSignature(f"hello from {src!r} with a bad signature for {h.sid.short}")
-        key: NeighbourKey = (iface, src)
         if h.sid == self.sid:
             # Our own multicast looped back (or someone replaying it): never a neighbour.
             return HelloResult(neighbour=_new_neighbour(iface, src, h, now), own=True)
@@ -365,11 +403,14 @@ class NeighbourTable:
         if nb is None:
             tomb = self.tombstones.get((bytes(h.sid), h.epoch))
             if tomb is not None:
-                if not 0 < (h.seqno - tomb[0]) % HELLO_SEQNO_MOD < HELLO_SEQNO_MOD // 2:
+                if not 0 < (h.seqno - tomb.seqno) % HELLO_SEQNO_MOD < HELLO_SEQNO_MOD // 2:
                     return None
                 del self.tombstones[(bytes(h.sid), h.epoch)]
             nb = _new_neighbour(iface, src, h, now)
+            if tomb is not None:
+                tomb.resume(nb, h.seqno, now)
             self.by_key[key] = nb
+            self._per_iface[iface] += 1
             self.by_sid.setdefault(bytes(nb.sid), {})[key] = nb
             new = True
         else:
@@ -418,13 +459,19 @@ class NeighbourTable:
     def tick(self, now: float) -> TickResult:
         """Count missed hellos, lapse stale IHUs, drop silent neighbours."""
         res = TickResult()
-        for k in [k for k, (_, at) in self.tombstones.items() if now >= at + TOMBSTONE_TIME]:
+        for k in [k for k, t in self.tombstones.items() if now >= t.at + TOMBSTONE_TIME]:
             del self.tombstones[k]
         for nb in list(self.by_key.values()):
             timeout = self.timeout_of(nb)
             if now >= nb.last_heard + timeout:
                 self._remove(nb)
-                self.tombstones[(bytes(nb.sid), nb.epoch)] = (nb.heard_seqno, now)
+                self.tombstones[(bytes(nb.sid), nb.epoch)] = Tombstone(
+                    nb.heard_seqno, now, nb.history, nb.history_len, nb.srtt_ms
+                )
+                if len(self.tombstones) > self.max_tombstones:
+                    # Oldest first (insertion order): fresh keys that come and go
+                    # must not grow this without bound.
+                    del self.tombstones[next(iter(self.tombstones))]
                 res.dropped.append(nb)
                 continue
             while now >= nb.expect_at:
@@ -448,7 +495,8 @@ class NeighbourTable:
         return t
 
     def _remove(self, nb: Neighbour) -> None:
-        self.by_key.pop(nb.key, None)
+        if self.by_key.pop(nb.key, None) is not None:
+            self._per_iface[nb.iface] -= 1
         peers = self.by_sid.get(bytes(nb.sid))
         if peers is not None:
             peers.pop(nb.key, None)
