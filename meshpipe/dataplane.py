@@ -129,6 +129,7 @@ class CryptoShard:
             epoch_ns,
             session_params,
             random_bytes=random_bytes if random_bytes is not None else os.urandom,
+            routable=self.fwd.table.__contains__,  # cookies and probes only where they can go
         )
         self.tunnel: Tunnel | None = None
         self.msp: Msp | None = None

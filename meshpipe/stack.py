@@ -135,6 +135,7 @@ class NodeStack:
                 epoch_ns,
                 session_params,
                 random_bytes=random_bytes if random_bytes is not None else os.urandom,
+                routable=self.core.fwd.table.__contains__,
             )
         self.mdp = Mdp(echo=echo)
         # A sharded stack runs in a worker that may be restarted: random stream numbers.
