@@ -84,9 +84,11 @@ nodes still interoperate: their inits are plain; they drop COOKIE_REPLY as malfo
 
 Handshakes an outsider can make us hold (responder keys of a peer we have no live
 session with, awaiting its confirmation; restart probes) are capped at
-``max_handshakes``: past it, new ones are refused (``.too_many_handshakes``) and the
-held ones are never evicted for newcomers; unconfirmed responder keys of such a peer
-are dropped after ``half_open_timeout``.
+``max_handshakes``, plain ones (no cookie) in half of it: past that, new ones are
+refused (``.too_many_handshakes``; a plain one gets a cookie reply, so a reachable
+node still gets in through the other half) and the held ones are never evicted for
+newcomers; unconfirmed responder keys of such a peer are dropped after
+``half_open_timeout``.
 
 Counters (``SessionManager.counters``, stable names):
 
@@ -407,7 +409,10 @@ class SessionManager:
         self._secret: bytes | None = None  # the cookie secret, made on first use
         self._old_secret: bytes | None = None
         self._secret_at = -math.inf
-        self._half_open: dict[bytes, float] = {}  # see SessionParams.max_handshakes
+        # Handshakes outsiders made us start (SessionParams.max_handshakes), each
+        # marked plain (no cookie vouched for it) or not; plain ones get half the room.
+        self._half_open: dict[bytes, bool] = {}
+        self._half_open_plain = 0
         self._log = LogLimiter(p.log_interval)
         self._probed: dict[bytes, float] = {}  # peer -> last restart probe
         self._deadline = math.inf
@@ -754,7 +759,7 @@ class SessionManager:
             for kp in peer.keypairs()
         )
 
-    def _admit(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> bool:
+    def _admit(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> str | None:
         """Which budget an init comes out of, before any public-key operation:
 
         1. a rekey_mac made with a live session's keys: the peer's own bucket;
@@ -764,13 +769,14 @@ class SessionManager:
         """
         peer = self._peers.get(src)
         extended = len(data) == INIT_EXT_LEN
+        # Each refusal below is counted.
         if extended and data[INIT_LEN : INIT_LEN + MAC_LEN] != _NO_MAC:
             if self._rekey_ok(peer, data, now):
                 assert peer is not None
                 mac = data[INIT_LEN : INIT_LEN + MAC_LEN]
                 if mac in peer.rekey_macs:  # a replayed rekey init spends nothing
                     self.counters["session.drop.replayed_init"] += 1
-                    return False
+                    return None
                 peer.rekey_macs.append(mac)
                 if peer.rekey_bucket is None:
                     peer.rekey_bucket = TokenBucket(
@@ -778,9 +784,9 @@ class SessionManager:
                     )
                 if not peer.rekey_bucket.take(now):
                     self._refuse(out, "rate_limited_rekey", now)
-                    return False
+                    return None
                 self.counters["session.handshake.rekey_mac_ok"] += 1
-                return True
+                return "rekey"
             self.counters["session.handshake.rekey_mac_bad"] += 1
         st = self._source(src, now)
         if extended and data[INIT_LEN + MAC_LEN :] != _NO_MAC:
@@ -788,24 +794,24 @@ class SessionManager:
                 mac = data[INIT_LEN + MAC_LEN :]
                 if mac in st.cookie_macs:
                     self.counters["session.drop.replayed_init"] += 1
-                    return False
+                    return None
                 st.cookie_macs.append(mac)
                 if st.cookie is None:
                     st.cookie = TokenBucket(self.params.init_rate, self.params.init_burst, now)
                 if not (st.cookie.take(now) and self._cookie_inits.take(now)):
                     self._refuse(out, "rate_limited_cookie", now)
-                    return False
+                    return None
                 self.counters["session.handshake.cookie_ok"] += 1
-                return True
+                return "cookie"
             self.counters["session.handshake.cookie_bad"] += 1  # old secret: a new cookie
         if not st.plain.take(now):
             self._refuse(out, "rate_limited", now)
-            return False
+            return None
         if self._under_load(now, out):
             self.counters["session.drop.cookie_required"] += 1
             self._send_cookie(src, data, now, out)
-            return False
-        return True
+            return None
+        return "plain"
 
     def _send_cookie(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
         """Answer an init with a cookie for its claimed source, routed to that SID: a
@@ -864,7 +870,8 @@ class SessionManager:
         if src == self.sid:
             self.counters["session.drop.forged_source"] += 1
             return
-        if not self._admit(src, data, now, out):
+        tier = self._admit(src, data, now, out)
+        if tier is None:
             return
         known = self._peers.get(src)
         try:
@@ -874,8 +881,10 @@ class SessionManager:
             self.counters["session.drop.forged_source"] += 1
             return
         new_peer = known is None or not self._can_send(known.current, now)
-        if new_peer and not self._admit_half_open(src, now):
+        if new_peer and not self._admit_half_open(src, now, plain=tier == "plain"):
             self._refuse(out, "too_many_handshakes", now)
+            if tier == "plain":  # a cookie would give it the other half of the room
+                self._send_cookie(src, data, now, out)
             return
         _, sender_index = INIT_HEADER.unpack_from(data)
         hs = HandshakeState(
@@ -944,8 +953,7 @@ class SessionManager:
         peer.next = kp
         self._by_index[idx] = kp
         if new_peer:
-            self._half_open.pop(src, None)
-            self._half_open[src] = now
+            self._hold_half_open(src, plain=tier == "plain")
         self.counters["session.handshake.init_rx"] += 1
         self.counters["session.handshake.resp_tx"] += 1
         out.append(Transmit(peer.sid, RESP_HEADER.pack(TYPE_RESP, idx, sender_index) + msg2))
@@ -998,7 +1006,7 @@ class SessionManager:
         peer.current = kp
         peer.next = None
         peer.last_handshake = now
-        self._half_open.pop(bytes(peer.sid), None)
+        self._release_half_open(bytes(peer.sid))
         fields = {"peer": peer.sid.short, "initiator": kp.initiator}
         if old_cur is None or peer.established_at is None:
             peer.established_at = now
@@ -1080,30 +1088,41 @@ class SessionManager:
             return
         if not self._probe_bucket.take(now):
             return
-        if not self._admit_half_open(src, now):
+        if not self._admit_half_open(src, now, plain=True):
             self._refuse(out, "too_many_handshakes", now)
             return
         peer = self._peer(src, now)
         if peer is None:
             return
-        self._half_open.pop(src, None)
-        self._half_open[src] = now
+        self._hold_half_open(src, plain=True)
         if len(self._probed) >= self.params.max_peers:
             self._probed.clear()
         self._probed[src] = now
         self.counters["session.handshake.restart_probe"] += 1
         self._start_handshake(peer, now, out)
 
-    def _admit_half_open(self, src: bytes, now: float) -> bool:
-        """Room for one more handshake an outsider made us start (max_handshakes)?
-        Entries already held are never evicted for a newcomer: a full table refuses
-        until they complete, are confirmed or time out."""
-        if src in self._half_open or len(self._half_open) < self.params.max_handshakes:
+    def _admit_half_open(self, src: bytes, now: float, plain: bool) -> bool:
+        """Room for one more handshake an outsider made us start (max_handshakes;
+        plain ones in half of it)? Entries already held are never evicted for a
+        newcomer: a full table refuses until they complete or time out."""
+        cap = self.params.max_handshakes
+        plain_cap = max(1, cap // 2)
+        if src in self._half_open:
             return True
-        for k in list(self._half_open):
-            if not self._is_half_open(self._peers.get(k), now):
-                del self._half_open[k]
-        return len(self._half_open) < self.params.max_handshakes
+        if len(self._half_open) >= cap or (plain and self._half_open_plain >= plain_cap):
+            for k in list(self._half_open):
+                if not self._is_half_open(self._peers.get(k), now):
+                    self._release_half_open(k)
+        return len(self._half_open) < cap and not (plain and self._half_open_plain >= plain_cap)
+
+    def _hold_half_open(self, src: bytes, plain: bool) -> None:
+        self._release_half_open(src)
+        self._half_open[src] = plain
+        self._half_open_plain += plain
+
+    def _release_half_open(self, src: bytes) -> None:
+        if self._half_open.pop(src, False):
+            self._half_open_plain -= 1
 
     def _is_half_open(self, peer: _Peer | None, now: float) -> bool:
         return (
@@ -1163,7 +1182,7 @@ class SessionManager:
             # what a stream of valid inits from fresh keys can make us hold).
             self._by_index.pop(nxt.local_index, None)
             peer.next = None
-            self._half_open.pop(bytes(peer.sid), None)
+            self._release_half_open(bytes(peer.sid))
             self.counters["session.handshake.half_open_expired"] += 1
         pending = peer.pending
         if pending is not None and now >= pending.next_retry:
@@ -1197,7 +1216,7 @@ class SessionManager:
                 self._seal(peer, peer.current, b"", now, out)
         if self._idle(peer):
             del self._peers[bytes(peer.sid)]
-            self._half_open.pop(bytes(peer.sid), None)
+            self._release_half_open(bytes(peer.sid))
 
     def _peer_deadline(self, peer: _Peer) -> float:
         p = self.params

@@ -222,28 +222,36 @@ def _fresh_init(net: Net, i: int, dst: bytes) -> tuple[bytes, bytes]:
 
 def test_handshakes_in_progress_are_bounded_and_never_evicted() -> None:
     p = SessionParams(max_handshakes=4, half_open_timeout=5.0)
-    net = established(Net(params=p))
+    net = established(Net(names=("a", "b", "c"), params=p))
     b = bytes(net.sid("b"))
-    for i in range(10):
+    for i in range(10):  # valid inits from fresh keys nobody can route to
         src, init = _fresh_init(net, i, b)
         net.deliver("b", src, init)
     mb = net.m["b"]
-    assert net.c("b", "session.handshake.resp_tx") == 1 + 4
-    assert net.c("b", "session.drop.too_many_handshakes") == 6
-    assert mb.handshakes_in_progress() == 4
-    # The established session is not touched; a's rekey is not counted against it.
+    # Plain inits get half the table; the rest are refused with a cookie reply.
+    assert net.c("b", "session.handshake.resp_tx") == 1 + 2
+    assert net.c("b", "session.drop.too_many_handshakes") == 8
+    assert sum(t.payload[0] == TYPE_COOKIE for t in net.nowhere) == 8
+    assert mb.handshakes_in_progress() == 2
+    # The established session is not touched.
     net.send("a", "b", b"still")
     net.run_for(0.1)
     assert net.received["b"][-1] == ("a", b"still")
+    # c is reachable: its plain init is refused too, but the cookie gets it in.
+    net.send("c", "b", b"c here")
+    net.run_for(0.5)
+    assert net.received["b"][-1] == ("c", b"c here")
+    assert net.c("c", "session.handshake.cookie_rx") == 1
     # Never confirmed: the half-open entries time out and make room again.
     net.run_for(6.0)
-    assert net.c("b", "session.handshake.half_open_expired") == 4
+    assert net.c("b", "session.handshake.half_open_expired") == 2
     assert mb.handshakes_in_progress() == 0
     src, init = _fresh_init(net, 99, b)
     net.deliver("b", src, init)
-    assert net.c("b", "session.handshake.resp_tx") == 1 + 5
+    assert net.c("b", "session.handshake.resp_tx") == 1 + 2 + 1 + 1
     events = [e for e in net.events["b"] if e.name == "session.handshake_refused"]
     assert len(events) == 1 and events[0].fields["reason"] == "too_many_handshakes"
+    assert events[0].fields["suppressed"] == 0
 
 
 def test_restart_probe_only_for_routable_sources() -> None:
