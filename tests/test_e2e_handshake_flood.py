@@ -30,7 +30,8 @@ FLOODER = r"""
 import os, socket, sys, time
 from meshpipe import wire
 from meshpipe.session import INIT_LEN, TYPE_INIT
-host, port, dst, rate, seconds = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+host, port = sys.argv[1], int(sys.argv[2])
+dst, rate, seconds = bytes.fromhex(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 tick, sent = 0.01, 0
 per_tick = max(1, round(rate * tick))
