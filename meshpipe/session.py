@@ -68,11 +68,15 @@ before any public-key operation:
    ``cookie_secret_lifetime``, the one before is still accepted): a per-source
    cookie bucket and a global cookie budget (``cookie_init_rate``) of their own.
 3. **Plain** (no valid MAC, or an older node's 113-byte init): the per-source
-   bucket, then the global budget (``global_init_rate``). When that runs dry the node
-   is *under load* for ``load_hold``: plain inits are then answered with a cookie
-   reply (within ``cookie_reply_rate``, and only to a SID with a route, as the
-   restart probe) instead of a handshake. The reply is routed to the claimed
+   bucket, then the global budget (``global_init_rate``). When that runs dry the
+   node is *under load* for ``load_hold``: plain inits are then answered with a
+   cookie reply (within ``cookie_reply_rate``, and only to a SID with a route, as
+   the restart probe) instead of a handshake. The reply is routed to the claimed
    SID, so a node that makes up source SIDs never gets one.
+
+Per-source buckets are kept per claimed SID *and* ingress (the interface and link
+address, when the caller gives one), so junk claiming a node's SID on another link
+cannot spend that node's own budget.
 
 An initiator that gets a cookie reply bound to its latest INIT keeps the cookie for
 ``cookie_secret_lifetime - rekey_timeout`` and sends the INIT again at once with
@@ -132,7 +136,7 @@ import math
 import os
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -400,7 +404,7 @@ class SessionManager:
         self._init_ts: dict[bytes, int] = {}  # greatest accepted init timestamp per peer
         p = self.params
         self._routable = routable
-        self._buckets: dict[bytes, _Source] = {}
+        self._buckets: dict[Hashable, _Source] = {}  # by claimed source (and ingress)
         self._global = TokenBucket(p.global_init_rate, p.global_init_burst, now)
         self._probe_bucket = TokenBucket(p.global_init_rate, p.global_init_burst, now)
         self._cookie_inits = TokenBucket(p.cookie_init_rate, p.cookie_init_burst, now)
@@ -433,14 +437,19 @@ class SessionManager:
         self._update_deadline(dst, peers)
         return out
 
-    def on_packet(self, src: bytes, data: bytes, now: float) -> list[SessionOut]:
-        """A DATA payload for this node, claimed to come from ``src``."""
+    def on_packet(
+        self, src: bytes, data: bytes, now: float, ingress: Hashable = None
+    ) -> list[SessionOut]:
+        """A DATA payload for this node, claimed to come from ``src``. ``ingress`` (the
+        interface and link address it came in by, if known) keys the per-source init
+        limits together with ``src``: junk that claims a node's SID on another link
+        cannot spend that node's own budget."""
         self._now = now
         out: list[SessionOut] = []
         src = bytes(src)
         peers = len(self._peers)
         try:
-            self._on_packet(src, bytes(data), now, out)
+            self._on_packet(src, bytes(data), now, out, ingress)
         except Exception as exc:
             self.counters["session.drop.internal_error"] += 1
             out.append(Event("session.error", {"error": repr(exc), "where": "on_packet"}))
@@ -678,7 +687,9 @@ class SessionManager:
 
     # -- receiving ---------------------------------------------------------------------
 
-    def _on_packet(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
+    def _on_packet(
+        self, src: bytes, data: bytes, now: float, out: list[SessionOut], ingress: Hashable
+    ) -> None:
         if len(src) != SID_LEN or not data:
             self.counters["session.drop.malformed"] += 1
             return
@@ -686,7 +697,7 @@ class SessionManager:
         if kind == TYPE_TRANSPORT:
             self._on_transport(src, data, now, out)
         elif kind == TYPE_INIT:
-            self._on_init(src, data, now, out)
+            self._on_init(src, data, now, out, ingress)
         elif kind == TYPE_RESP:
             self._on_resp(src, data, now, out)
         elif kind == TYPE_COOKIE:
@@ -696,8 +707,8 @@ class SessionManager:
 
     # -- init admission (see "Handshake floods" in the module docstring) ----------------
 
-    def _source(self, src: bytes, now: float) -> _Source:
-        st = self._buckets.pop(src, None)
+    def _source(self, key: Hashable, now: float) -> _Source:
+        st = self._buckets.pop(key, None)
         if st is None:
             if len(self._buckets) >= self.params.max_rate_sources:
                 for k in [k for k, v in self._buckets.items() if v.plain.full(now)]:
@@ -705,7 +716,7 @@ class SessionManager:
                 while len(self._buckets) >= self.params.max_rate_sources:
                     del self._buckets[next(iter(self._buckets))]  # least recently used
             st = _Source(TokenBucket(self.params.init_rate, self.params.init_burst, now))
-        self._buckets[src] = st  # (re)insert: most recently used last
+        self._buckets[key] = st  # (re)insert: most recently used last
         return st
 
     def _refuse(self, out: list[SessionOut], reason: str, now: float) -> None:
@@ -759,7 +770,9 @@ class SessionManager:
             for kp in peer.keypairs()
         )
 
-    def _admit(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> str | None:
+    def _admit(
+        self, src: bytes, data: bytes, now: float, out: list[SessionOut], ingress: Hashable
+    ) -> str | None:
         """Which budget an init comes out of, before any public-key operation:
 
         1. a rekey_mac made with a live session's keys: the peer's own bucket;
@@ -788,7 +801,7 @@ class SessionManager:
                 self.counters["session.handshake.rekey_mac_ok"] += 1
                 return "rekey"
             self.counters["session.handshake.rekey_mac_bad"] += 1
-        st = self._source(src, now)
+        st = self._source(src if ingress is None else (src, ingress), now)
         if extended and data[INIT_LEN + MAC_LEN :] != _NO_MAC:
             if self._cookie_ok(src, data, now):
                 mac = data[INIT_LEN + MAC_LEN :]
@@ -863,14 +876,16 @@ class SessionManager:
         if pending.cookie != cookie:  # else it is stale: the timer retries
             self._start_handshake(peer, now, out)
 
-    def _on_init(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
+    def _on_init(
+        self, src: bytes, data: bytes, now: float, out: list[SessionOut], ingress: Hashable
+    ) -> None:
         if len(data) not in (INIT_LEN, INIT_EXT_LEN):
             self.counters["session.drop.malformed"] += 1
             return
         if src == self.sid:
             self.counters["session.drop.forged_source"] += 1
             return
-        tier = self._admit(src, data, now, out)
+        tier = self._admit(src, data, now, out, ingress)
         if tier is None:
             return
         known = self._peers.get(src)

@@ -113,9 +113,11 @@ class Net:
     def send(self, src: str, dst: str, data: bytes) -> None:
         self.handle(src, self.m[src].send(self.sid(dst), data, self.now))
 
-    def deliver(self, dst: str, src_sid: bytes, payload: bytes) -> list[SessionOut]:
-        """Hand a packet to ``dst`` now, as if from ``src_sid``."""
-        outs = self.m[dst].on_packet(src_sid, payload, self.now)
+    def deliver(
+        self, dst: str, src_sid: bytes, payload: bytes, ingress: object = None
+    ) -> list[SessionOut]:
+        """Hand a packet to ``dst`` now, as if from ``src_sid`` (by ``ingress``)."""
+        outs = self.m[dst].on_packet(src_sid, payload, self.now, ingress)
         self.handle(dst, outs)
         return outs
 

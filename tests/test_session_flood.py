@@ -102,6 +102,23 @@ def test_rekeys_never_starve_even_under_the_peers_own_sid() -> None:
     assert net.c("a", "session.expired") == 0 and net.c("b", "session.expired") == 0
 
 
+def test_junk_under_a_restarted_peers_sid_on_another_link_spends_nothing_of_its() -> None:
+    """a has no session (it restarted); junk claiming a's SID arrives by another
+    ingress: the per-source limits are per (source, ingress), so a's init goes through."""
+    net = Net()
+    a = bytes(net.sid("a"))
+    rng = random.Random(5)
+    for _ in range(200):
+        net.deliver("b", a, junk_init(rng), ingress="x")
+    net.send("a", "b", b"me")  # the net delivers with ingress None: another link
+    for _ in range(100):
+        net.deliver("b", a, junk_init(rng), ingress="x")
+        net.run_for(0.01)
+    assert net.received["b"] == [("a", b"me")]
+    assert net.c("b", "session.drop.rate_limited") >= 280
+    assert net.c("b", "session.drop.cookie_required") == 0  # 10 a second: no load
+
+
 def test_replayed_rekey_init_spends_nothing() -> None:
     p = SessionParams(rekey_after_messages=3)
     net = established(Net(params=p))

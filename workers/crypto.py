@@ -139,8 +139,8 @@ class CryptoWorker:
         if rec[0] != msg.REC_FRAME_IN:
             self.counters["crypto.drop.bad_record"] += 1
             return
-        _iface, _addr, frame = msg.parse_frame_in(rec)
-        self._execute(self.shard.on_frame(frame, now))
+        iface, addr, frame = msg.parse_frame_in(rec)
+        self._execute(self.shard.on_frame(frame, now, (iface, addr)))
 
     def on_peer(self, rec: bytes, now: float) -> None:
         """A packet another worker read from its TUN queue for one of our peers."""
