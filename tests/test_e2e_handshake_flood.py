@@ -183,5 +183,8 @@ def test_restarted_node_gets_a_session_through_a_flood_and_streams_go_on(
         f"rate_limited={cd.get('session.drop.rate_limited', 0)}"
     )
     assert cd.get("session.drop.cookie_unroutable", 0) >= sent * 0.5
+    st = lab.cli("d", "status")
+    crypto = [w for w in st["workers"] if w["role"] == "crypto"]
+    assert crypto and all(w["handshakes_in_progress"] <= 1024 for w in crypto)
     events = [e["event"] for e in lab.log_events("d")]
     assert 1 <= events.count("session.under_load") <= 4  # rate-limited, per crypto worker

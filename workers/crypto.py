@@ -205,6 +205,7 @@ class CryptoWorker:
             "counters": dict(counters),
             "sessions": self.shard.sessions(now),
             "tunnel_peers": len(self.shard.tunnel_streams),
+            "handshakes_in_progress": self.shard.session.handshakes_in_progress(),
             "in_queue_depth": sum(r.depth() for r in inputs),
             "in_queue_dropped": sum(r.dropped_full for r in inputs),
         }
