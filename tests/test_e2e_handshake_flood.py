@@ -187,4 +187,5 @@ def test_restarted_node_gets_a_session_through_a_flood_and_streams_go_on(
     crypto = [w for w in st["workers"] if w["role"] == "crypto"]
     assert crypto and all(w["handshakes_in_progress"] <= 1024 for w in crypto)
     events = [e["event"] for e in lab.log_events("d")]
-    assert 1 <= events.count("session.under_load") <= 4  # rate-limited, per crypto worker
+    # Rate-limited: once per 10 s per crypto worker at most.
+    assert 1 <= events.count("session.under_load") <= 3 * len(crypto)

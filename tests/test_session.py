@@ -15,10 +15,13 @@ from hypothesis import strategies as st
 from meshpipe.actions import Event
 from meshpipe.identity import Identity, Sid
 from meshpipe.session import (
+    COOKIE_LEN,
+    INIT_EXT_LEN,
     INIT_LEN,
     PROLOGUE,
     RESP_LEN,
     TRANSPORT_OVERHEAD,
+    TYPE_COOKIE,
     TYPE_INIT,
     TYPE_RESP,
     TYPE_TRANSPORT,
@@ -358,8 +361,12 @@ def test_fuzz_never_raises_and_never_delivers_garbage(data: st.DataObject) -> No
     if kind == "random":
         pkt = data.draw(st.binary(max_size=200))
     elif kind == "typed":
-        t = data.draw(st.sampled_from([TYPE_INIT, TYPE_RESP, TYPE_TRANSPORT]))
-        size = data.draw(st.sampled_from([INIT_LEN - 1, RESP_LEN - 1, 28, 29, 57, 113, 150]))
+        t = data.draw(st.sampled_from([TYPE_INIT, TYPE_RESP, TYPE_TRANSPORT, TYPE_COOKIE]))
+        size = data.draw(
+            st.sampled_from(
+                [INIT_LEN - 1, RESP_LEN - 1, INIT_EXT_LEN - 1, COOKIE_LEN - 1, 28, 29, 57, 150]
+            )
+        )
         pkt = bytes([t]) + data.draw(st.binary(min_size=size, max_size=size))
     else:
         base = bytearray(data.draw(st.sampled_from(valid)))

@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import random
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from meshpipe.identity import Identity
 from meshpipe.session import (
     COOKIE_LEN,
@@ -16,6 +19,7 @@ from meshpipe.session import (
     MAC_LEN,
     TYPE_COOKIE,
     TYPE_INIT,
+    Plaintext,
     SessionManager,
     SessionParams,
     Transmit,
@@ -281,3 +285,24 @@ def test_restart_probe_only_for_routable_sources() -> None:
     assert net.c("b", "session.drop.probe_unroutable") == 100
     assert net.c("b", "session.handshake.restart_probe") == 0
     assert net.m["b"].handshakes_in_progress() == 0
+
+
+_LOADED = Net(params=SessionParams(global_init_rate=1.0, global_init_burst=1.0))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_under_load_never_raises_and_answers_only_with_cookies(data: st.DataObject) -> None:
+    net = _LOADED
+    t = data.draw(st.sampled_from([TYPE_INIT, TYPE_COOKIE]))
+    size = data.draw(st.sampled_from([INIT_LEN, INIT_EXT_LEN, COOKIE_LEN, 40]))
+    pkt = bytes([t]) + data.draw(st.binary(min_size=size - 1, max_size=size - 1))
+    src = data.draw(st.sampled_from([bytes(net.sid("a")), bytes(32), bytes([9]) * 32]))
+    outs = net.m["b"].on_packet(src, pkt, net.now)
+    assert not any(isinstance(o, Plaintext) for o in outs)
+    for o in outs:
+        if isinstance(o, Transmit):
+            assert t == TYPE_INIT and len(pkt) in (INIT_LEN, INIT_EXT_LEN)
+            assert o.payload[0] == TYPE_COOKIE and len(o.payload) == COOKIE_LEN
+            assert bytes(o.dst) == src  # always to the claimed source
+    assert net.m["b"].counters["session.drop.internal_error"] == 0
