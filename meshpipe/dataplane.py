@@ -42,7 +42,7 @@ from __future__ import annotations
 import collections
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from meshpipe import wire
@@ -129,6 +129,7 @@ class CryptoShard:
             epoch_ns,
             session_params,
             random_bytes=random_bytes if random_bytes is not None else os.urandom,
+            routable=self.fwd.table.__contains__,  # cookies and probes only where they can go
         )
         self.tunnel: Tunnel | None = None
         self.msp: Msp | None = None
@@ -187,8 +188,9 @@ class CryptoShard:
         self._open_into(bytes(src), packet, hops, now, out)
         return self._finish(out)
 
-    def on_frame(self, frame: bytes, now: float) -> list[Action]:
-        """A DATA frame from an interface worker: ours (opened) or in transit (forwarded)."""
+    def on_frame(self, frame: bytes, now: float, ingress: Hashable = None) -> list[Action]:
+        """A DATA frame from an interface worker: ours (opened) or in transit (forwarded).
+        ``ingress``: the (interface, link address) it came from."""
         try:
             actions = self.fwd.on_data(frame)
         except FrameError:
@@ -197,7 +199,7 @@ class CryptoShard:
         out: list[Action] = []
         for a in actions:
             if isinstance(a, Deliver):
-                self._open_into(a.src, a.payload, a.hops, now, out)
+                self._open_into(a.src, a.payload, a.hops, now, out, ingress)
             else:
                 out.append(a)
         return self._finish(out)
@@ -261,10 +263,17 @@ class CryptoShard:
     # -- plumbing ----------------------------------------------------------------------
 
     def _open_into(
-        self, src: bytes, packet: bytes, hops: int, now: float, out: list[Action]
+        self,
+        src: bytes,
+        packet: bytes,
+        hops: int,
+        now: float,
+        out: list[Action],
+        ingress: Hashable = None,
     ) -> None:
         try:
-            self._session_outs(self.session.on_packet(src, packet, now), hops, now, out)
+            outs = self.session.on_packet(src, packet, now, ingress)
+            self._session_outs(outs, hops, now, out)
         except Exception as exc:  # a bug costs one packet, never the data plane
             self._internal_error(exc, out)
 
@@ -410,7 +419,7 @@ class ShardedNode:
     def on_frame(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> list[Action]:
         # As an interface worker: DATA frames go to the shard of their source SID.
         if len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
-            return self._run(self.shard(frame[34:66]).on_frame(frame, now), now)
+            return self._run(self.shard(frame[34:66]).on_frame(frame, now, (iface, src)), now)
         return self._run(self.stack.on_frame(iface, src, frame, now), now)
 
     def on_timer(self, now: float) -> list[Action]:

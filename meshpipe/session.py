@@ -10,6 +10,12 @@ Wire formats (the whole payload of a routed DATA frame; all integers big-endian)
 
     HANDSHAKE_INIT  1 | sender_index u32 | IK message 1 (108 bytes)          = 113
                     message 1's payload: a 12-byte timestamp (ns, big-endian)
+                    extended form: the same 113 bytes | rekey_mac 16 | cookie_mac 16
+                    = 145; rekey_mac = MAC(rekey key of a live session, first 113
+                    bytes) or zeros; cookie_mac = MAC(cookie, first 129 bytes) or zeros
+    COOKIE_REPLY    4 | receiver_index u32 (the INIT's sender_index) | cookie 16 |
+                    tag 16 = 37; tag = MAC(H("mp-cookie-bind", the INIT's first 113
+                    bytes), the first 21 bytes)
     HANDSHAKE_RESP  2 | sender_index u32 | receiver_index u32 | IK message 2 = 57
                     (48 bytes, empty payload)
     TRANSPORT       3 | receiver_index u32 | counter u64 | ciphertext + 16-byte tag
@@ -47,8 +53,46 @@ worker was restarted) while the peer kept its keys; rather than wait for the pee
 liveness timer, we start a handshake to the claimed source at once, at most once per
 ``rekey_timeout`` per peer and within a global rate (``session.handshake.restart_probe``).
 The handshake goes to the claimed SID's own key, so a forged source gains nothing.
-Handshake inits are rate limited per claimed source and globally before any
-public-key operation.
+
+Handshake floods (after WireGuard's cookies). MAC = keyed BLAKE2b, 16 bytes; H =
+BLAKE2b-256 with a personalisation. Every init is sorted into one of three budgets
+before any public-key operation:
+
+1. **Rekey**: rekey_mac verifies under the rekey key of a live keypair with the
+   claimed source (rekey key = H("mp-rekey-mac", key i->r | key r->i), which only the
+   two ends hold): the peer's own bucket (``init_rate``). Junk claiming a peer's SID
+   cannot touch it, so rekeys of live sessions never starve; a replayed rekey init
+   (same MAC as one of the last 8) spends nothing.
+2. **Cookie**: cookie_mac verifies under the cookie we would give the claimed
+   source (cookie = MAC(secret, source SID); the secret rotates every
+   ``cookie_secret_lifetime``, the one before is still accepted): a per-source
+   cookie bucket and a global cookie budget (``cookie_init_rate``) of their own.
+3. **Plain** (no valid MAC, or an older node's 113-byte init): the per-source
+   bucket, then the global budget (``global_init_rate``). When that runs dry the
+   node is *under load* for ``load_hold``: plain inits are then answered with a
+   cookie reply (within ``cookie_reply_rate``, and only to a SID with a route, as
+   the restart probe) instead of a handshake. The reply is routed to the claimed
+   SID, so a node that makes up source SIDs never gets one.
+
+Per-source buckets are kept per claimed SID *and* ingress (the interface and link
+address, when the caller gives one), so junk claiming a node's SID on another link
+cannot spend that node's own budget.
+
+An initiator that gets a cookie reply bound to its latest INIT keeps the cookie for
+``cookie_secret_lifetime - rekey_timeout`` and sends the INIT again at once with
+cookie_mac. The MAC fields go only where they can be read: with a cookie, or for a
+rekey (the peer has a live session with us) to a peer not known as an older
+version; while that is unknown every other attempt is the plain 113-byte form, and a
+peer that answers only the plain form is remembered as older (``legacy``). Older
+nodes still interoperate: their inits are plain; they drop COOKIE_REPLY as malformed.
+
+Handshakes an outsider can make us hold (responder keys of a peer we have no live
+session with, awaiting its confirmation; restart probes) are capped at
+``max_handshakes``, plain ones (no cookie) in half of it: past that, new ones are
+refused (``.too_many_handshakes``; a plain one gets a cookie reply, so a reachable
+node still gets in through the other half) and the held ones are never evicted for
+newcomers; unconfirmed responder keys of such a peer are dropped after
+``half_open_timeout``.
 
 Counters (``SessionManager.counters``, stable names):
 
@@ -57,9 +101,16 @@ Counters (``SessionManager.counters``, stable names):
   ``.expired`` (keys past reject_after_time), ``.counter_limit``, ``.queue_full``,
   ``.handshake_timeout`` (queued packets dropped when a handshake gives up),
   ``.too_many_peers``, ``.bad_destination``, ``.too_large``, ``.internal_error``;
+  under a flood: ``.cookie_required`` (plain init under load: a cookie reply instead),
+  ``.cookie_unroutable`` (no reply: no route to the claimed SID),
+  ``.cookie_reply_limited``, ``.rate_limited_cookie``, ``.rate_limited_rekey``,
+  ``.too_many_handshakes``, ``.probe_unroutable``;
 * handshakes: ``session.handshake.init_tx``, ``.retry``, ``.init_rx`` (accepted),
   ``.resp_tx``, ``.resp_rx`` (completed as initiator), ``.confirmed`` (completed as
-  responder), ``.tie_won``, ``.tie_lost``, ``.failed``, ``.restart_probe``;
+  responder), ``.tie_won``, ``.tie_lost``, ``.failed``, ``.restart_probe``,
+  ``.cookie_tx``, ``.cookie_rx``, ``.cookie_ok`` / ``.cookie_bad`` (an init's
+  cookie_mac), ``.rekey_mac_ok`` / ``.rekey_mac_bad``, ``.half_open_expired``;
+* ``session.under_load`` (times the plain budget ran dry after a quiet spell);
 * ``session.established``, ``session.rekeyed``, ``session.expired``,
   ``session.peer_silent`` (the restart detector fired), ``session.queued``,
   ``session.keepalive.tx``, ``session.keepalive.rx``, ``session.tx.packets``,
@@ -67,7 +118,10 @@ Counters (``SessionManager.counters``, stable names):
 
 Events: ``session.established`` / ``session.rekeyed`` (peer, initiator),
 ``session.expired`` (peer), ``session.handshake_failed`` (peer, dropped),
-``session.error`` (internal errors only).
+``session.error`` (internal errors only); rate-limited to one per reason per
+``log_interval`` (with ``suppressed``, the count held back since the last one):
+``session.under_load``, ``session.handshake_refused`` (reason: the drop counter's
+last part).
 
 Limitation: CPython cannot wipe key material; expired keys are dropped and left to
 the garbage collector.
@@ -76,11 +130,13 @@ the garbage collector.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import math
 import os
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +152,7 @@ from meshpipe.noise import (
     KeyPair,
     NoiseError,
 )
+from meshpipe.ratelimit import LogLimiter, TokenBucket
 from meshpipe.replay import DEFAULT_BLOCKS, ReplayWindow
 from meshpipe.wire import DATA_HEADER_LEN
 
@@ -104,6 +161,7 @@ PROLOGUE = b"meshpipe-session-v1"
 TYPE_INIT = 1
 TYPE_RESP = 2
 TYPE_TRANSPORT = 3
+TYPE_COOKIE = 4
 
 TIMESTAMP_LEN = 12
 INIT_HEADER = struct.Struct("!BI")
@@ -114,6 +172,11 @@ TRANSPORT_HEADER_LEN = TRANSPORT_HEADER.size  # 13
 MSG1_LEN = DHLEN + (DHLEN + TAGLEN) + (TIMESTAMP_LEN + TAGLEN)  # 108
 MSG2_LEN = DHLEN + TAGLEN  # e, empty payload + tag: 48
 INIT_LEN = INIT_HEADER.size + MSG1_LEN  # 113
+MAC_LEN = 16
+INIT_EXT_LEN = INIT_LEN + 2 * MAC_LEN  # 145: + rekey_mac + cookie_mac
+COOKIE_HEADER = struct.Struct("!BI")
+COOKIE_LEN = COOKIE_HEADER.size + 2 * MAC_LEN  # 37: type, receiver_index, cookie, tag
+_NO_MAC = bytes(MAC_LEN)
 RESP_LEN = RESP_HEADER.size + MSG2_LEN  # 57
 # Bytes a transport packet adds to its plaintext.
 TRANSPORT_OVERHEAD = TRANSPORT_HEADER_LEN + TAGLEN  # 29
@@ -146,6 +209,19 @@ class SessionParams:
     max_rate_sources: int = 4096  # per-source buckets remembered
     max_peers: int = 4096
     replay_blocks: int = DEFAULT_BLOCKS
+    # Under load (the global budget above ran dry within load_hold), an init without a
+    # valid cookie is answered with a cookie reply instead of a handshake.
+    load_hold: float = 1.0
+    cookie_secret_lifetime: float = 120.0  # the responder's cookie secret rotates this often
+    cookie_init_rate: float = 100.0  # inits with a valid cookie: their own global budget
+    cookie_init_burst: float = 200.0
+    cookie_reply_rate: float = 1000.0  # cookie replies per second (CPU and egress)
+    cookie_reply_burst: float = 500.0
+    # Handshake state an outsider can make us hold (responder keys awaiting
+    # confirmation from a node we have no session with, restart probes).
+    max_handshakes: int = 1024
+    half_open_timeout: float = 15.0  # unconfirmed responder keys of a new peer are dropped
+    log_interval: float = 10.0  # rate-limited log events: at most one per reason per interval
 
     def __post_init__(self) -> None:
         if not 0 < self.rekey_after_messages <= self.reject_after_messages < 2**64 - 1:
@@ -157,7 +233,15 @@ class SessionParams:
         for name in ("rekey_timeout", "keepalive_timeout", "handshake_give_up"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.max_queued < 0 or self.max_peers < 1 or self.max_rate_sources < 1:
+        for name in ("load_hold", "cookie_secret_lifetime", "half_open_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if (
+            self.max_queued < 0
+            or self.max_peers < 1
+            or self.max_rate_sources < 1
+            or self.max_handshakes < 1
+        ):
             raise ValueError("queue and table limits must be positive")
 
 
@@ -183,33 +267,23 @@ class Plaintext:
 SessionOut = Transmit | Plaintext | Event
 
 
-# -- rate limiting ---------------------------------------------------------------------
+# -- MACs ------------------------------------------------------------------------------
 
 
-class TokenBucket:
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+def _mac(key: bytes, data: bytes) -> bytes:
+    """Keyed BLAKE2b, 16 bytes: the cookie, the init's MACs, the cookie reply's tag."""
+    return hashlib.blake2b(data, key=key, digest_size=MAC_LEN).digest()
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
 
-    def _refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
+def _derive(person: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32, person=person).digest()
 
-    def take(self, now: float) -> bool:
-        self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
-    def full(self, now: float) -> bool:
-        self._refill(now)
-        return self.tokens >= self.burst
+def _rekey_key(i2r: CipherState, r2i: CipherState) -> bytes:
+    """What both ends of a session can MAC a rekey init with (and nobody else)."""
+    k1, k2 = i2r.key, r2i.key
+    assert k1 is not None and k2 is not None
+    return _derive(b"mp-rekey-mac", k1 + k2)
 
 
 # -- per-peer state --------------------------------------------------------------------
@@ -225,6 +299,7 @@ class _Keypair:
     created: float
     initiator: bool
     replay: ReplayWindow
+    rekey_key: bytes
     send_counter: int = 0
 
 
@@ -239,6 +314,10 @@ class _Pending:
     sent_at: float  # latest attempt
     attempts: int
     next_retry: float
+    init: bytes  # the latest INIT's first INIT_LEN bytes: a cookie reply is bound to them
+    extended: bool  # the latest INIT carried the MAC fields
+    cookie: bytes | None  # the cookie it carried
+    extended_tried: bool  # some attempt of this handshake was extended
 
 
 @dataclass(eq=False)
@@ -260,9 +339,31 @@ class _Peer:
     tx_packets: int = 0
     tx_bytes: int = 0
     deadline: float = math.inf  # _peer_deadline, as of the last recompute
+    # Cookies (see the module docstring): the responder's latest cookie for us.
+    cookie: bytes | None = None
+    cookie_at: float = -math.inf
+    v2: bool = False  # it sent us a cookie reply or an extended init: it knows the fields
+    legacy: bool = False  # it answered only a plain init to a rekey: an older version
+    rekey_bucket: TokenBucket | None = None  # its rekey-MAC'd inits
+    rekey_macs: collections.deque[bytes] = field(
+        default_factory=lambda: collections.deque(maxlen=8)
+    )
 
     def keypairs(self) -> list[_Keypair]:
         return [k for k in (self.previous, self.current, self.next) if k is not None]
+
+
+@dataclass(eq=False)
+class _Source:
+    """Init limits per claimed source SID: plain inits and cookie inits apart, so
+    junk under a SID cannot spend the budget of the node that owns it and can
+    receive its cookies."""
+
+    plain: TokenBucket
+    cookie: TokenBucket | None = None
+    cookie_macs: collections.deque[bytes] = field(
+        default_factory=lambda: collections.deque(maxlen=8)
+    )
 
 
 # -- the manager -----------------------------------------------------------------------
@@ -272,7 +373,9 @@ class SessionManager:
     """All end-to-end sessions of one node. Sans-IO: every entry point takes ``now``.
 
     ``rng`` drives timer jitter; ``random_bytes`` (default ``os.urandom``) supplies
-    ephemeral keys and session indexes. Give a seeded source only in tests.
+    ephemeral keys, session indexes and cookie secrets. Give a seeded source only in
+    tests. ``routable(sid)`` (default: every SID) says whether a packet to ``sid`` can
+    leave at all: cookie replies and restart probes are spent only on those.
     """
 
     def __init__(
@@ -284,6 +387,7 @@ class SessionManager:
         params: SessionParams | None = None,
         *,
         random_bytes: Callable[[int], bytes] | None = None,
+        routable: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.identity = identity
         self.sid: Sid = identity.sid
@@ -298,11 +402,22 @@ class SessionManager:
         self._peers: dict[bytes, _Peer] = {}
         self._by_index: dict[int, _Keypair | _Pending] = {}
         self._init_ts: dict[bytes, int] = {}  # greatest accepted init timestamp per peer
-        self._buckets: dict[bytes, TokenBucket] = {}
-        self._global = TokenBucket(self.params.global_init_rate, self.params.global_init_burst, now)
-        self._probe_bucket = TokenBucket(
-            self.params.global_init_rate, self.params.global_init_burst, now
-        )
+        p = self.params
+        self._routable = routable
+        self._buckets: dict[Hashable, _Source] = {}  # by claimed source (and ingress)
+        self._global = TokenBucket(p.global_init_rate, p.global_init_burst, now)
+        self._probe_bucket = TokenBucket(p.global_init_rate, p.global_init_burst, now)
+        self._cookie_inits = TokenBucket(p.cookie_init_rate, p.cookie_init_burst, now)
+        self._cookie_replies = TokenBucket(p.cookie_reply_rate, p.cookie_reply_burst, now)
+        self._load_until = -math.inf
+        self._secret: bytes | None = None  # the cookie secret, made on first use
+        self._old_secret: bytes | None = None
+        self._secret_at = -math.inf
+        # Handshakes outsiders made us start (SessionParams.max_handshakes), each
+        # marked plain (no cookie vouched for it) or not; plain ones get half the room.
+        self._half_open: dict[bytes, bool] = {}
+        self._half_open_plain = 0
+        self._log = LogLimiter(p.log_interval)
         self._probed: dict[bytes, float] = {}  # peer -> last restart probe
         self._deadline = math.inf
 
@@ -322,14 +437,19 @@ class SessionManager:
         self._update_deadline(dst, peers)
         return out
 
-    def on_packet(self, src: bytes, data: bytes, now: float) -> list[SessionOut]:
-        """A DATA payload for this node, claimed to come from ``src``."""
+    def on_packet(
+        self, src: bytes, data: bytes, now: float, ingress: Hashable = None
+    ) -> list[SessionOut]:
+        """A DATA payload for this node, claimed to come from ``src``. ``ingress`` (the
+        interface and link address it came in by, if known) keys the per-source init
+        limits together with ``src``: junk that claims a node's SID on another link
+        cannot spend that node's own budget."""
         self._now = now
         out: list[SessionOut] = []
         src = bytes(src)
         peers = len(self._peers)
         try:
-            self._on_packet(src, bytes(data), now, out)
+            self._on_packet(src, bytes(data), now, out, ingress)
         except Exception as exc:
             self.counters["session.drop.internal_error"] += 1
             out.append(Event("session.error", {"error": repr(exc), "where": "on_packet"}))
@@ -512,6 +632,9 @@ class SessionManager:
         p = self.params
         interval = min(p.handshake_retry_initial * 2 ** (attempts - 1), p.handshake_retry_max)
         interval *= 1.0 + p.handshake_retry_jitter * self.rng.random()
+        base = INIT_HEADER.pack(TYPE_INIT, idx) + msg
+        packet, cookie = self._init_fields(peer, base, attempts, now)
+        extended = len(packet) == INIT_EXT_LEN
         pending = _Pending(
             peer=peer,
             local_index=idx,
@@ -520,17 +643,53 @@ class SessionManager:
             sent_at=now,
             attempts=attempts,
             next_retry=now + interval,
+            init=base,
+            extended=extended,
+            cookie=cookie,
+            extended_tried=extended or (old is not None and old.extended_tried),
         )
         peer.pending = pending
         self._by_index[idx] = pending
         self.counters[
             "session.handshake.init_tx" if old is None else "session.handshake.retry"
         ] += 1
-        out.append(Transmit(peer.sid, INIT_HEADER.pack(TYPE_INIT, idx) + msg))
+        out.append(Transmit(peer.sid, packet))
+
+    def _init_fields(
+        self, peer: _Peer, base: bytes, attempts: int, now: float
+    ) -> tuple[bytes, bytes | None]:
+        """The INIT to send (plain, or with rekey_mac and cookie_mac) and its cookie.
+
+        The MAC fields go only to a responder that can read them: one whose cookie we
+        hold, or one with live keys (a rekey) that has not shown itself to be an
+        older version; while unknown, every other attempt is plain.
+        """
+        cookie = peer.cookie
+        if cookie is not None and now >= peer.cookie_at + self._cookie_life():
+            cookie = peer.cookie = None
+        rekey_key = None
+        cur = peer.current
+        if self._can_send(cur, now):
+            assert cur is not None
+            rekey_key = cur.rekey_key
+        if cookie is None and (
+            rekey_key is None or peer.legacy or (not peer.v2 and attempts % 2 == 0)
+        ):
+            return base, None
+        rekey_mac = _NO_MAC if rekey_key is None else _mac(rekey_key, base)
+        cookie_mac = _NO_MAC if cookie is None else _mac(cookie, base + rekey_mac)
+        return base + rekey_mac + cookie_mac, cookie
+
+    def _cookie_life(self) -> float:
+        # A cookie stays valid at the responder for at least one secret lifetime.
+        p = self.params
+        return max(p.cookie_secret_lifetime - p.rekey_timeout, p.cookie_secret_lifetime / 2)
 
     # -- receiving ---------------------------------------------------------------------
 
-    def _on_packet(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
+    def _on_packet(
+        self, src: bytes, data: bytes, now: float, out: list[SessionOut], ingress: Hashable
+    ) -> None:
         if len(src) != SID_LEN or not data:
             self.counters["session.drop.malformed"] += 1
             return
@@ -538,30 +697,196 @@ class SessionManager:
         if kind == TYPE_TRANSPORT:
             self._on_transport(src, data, now, out)
         elif kind == TYPE_INIT:
-            self._on_init(src, data, now, out)
+            self._on_init(src, data, now, out, ingress)
         elif kind == TYPE_RESP:
             self._on_resp(src, data, now, out)
+        elif kind == TYPE_COOKIE:
+            self._on_cookie(src, data, now, out)
         else:
             self.counters["session.drop.malformed"] += 1
 
-    def _rate_ok(self, src: bytes, now: float) -> bool:
-        b = self._buckets.pop(src, None)
-        if b is None:
+    # -- init admission (see "Handshake floods" in the module docstring) ----------------
+
+    def _source(self, key: Hashable, now: float) -> _Source:
+        st = self._buckets.pop(key, None)
+        if st is None:
             if len(self._buckets) >= self.params.max_rate_sources:
-                for k in [k for k, v in self._buckets.items() if v.full(now)]:
+                for k in [k for k, v in self._buckets.items() if v.plain.full(now)]:
                     del self._buckets[k]
                 while len(self._buckets) >= self.params.max_rate_sources:
                     del self._buckets[next(iter(self._buckets))]  # least recently used
-            b = TokenBucket(self.params.init_rate, self.params.init_burst, now)
-        self._buckets[src] = b  # (re)insert: most recently used last
-        return b.take(now) and self._global.take(now)
+            st = _Source(TokenBucket(self.params.init_rate, self.params.init_burst, now))
+        self._buckets[key] = st  # (re)insert: most recently used last
+        return st
 
-    def _on_init(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
-        if len(data) != INIT_LEN:
+    def _refuse(self, out: list[SessionOut], reason: str, now: float) -> None:
+        """Count a refused init and log it, at most once per reason per interval."""
+        self.counters[f"session.drop.{reason}"] += 1
+        ev = self._log.event(reason, "session.handshake_refused", now, {"reason": reason})
+        if ev is not None:
+            out.append(ev)
+
+    def _under_load(self, now: float, out: list[SessionOut]) -> bool:
+        """Spends the plain budget; under load from the moment it runs dry until
+        ``load_hold`` after it last did."""
+        if not self._global.take(now):
+            if now >= self._load_until:
+                self.counters["session.under_load"] += 1
+                ev = self._log.event("load", "session.under_load", now, {})
+                if ev is not None:
+                    out.append(ev)
+            self._load_until = now + self.params.load_hold
+        return now < self._load_until
+
+    def _secrets(self, now: float) -> tuple[bytes, bytes | None]:
+        life = self.params.cookie_secret_lifetime
+        if self._secret is None or now >= self._secret_at + life:
+            fresh = self._secret is not None and now < self._secret_at + 2 * life
+            self._old_secret = self._secret if fresh else None
+            self._secret = self._random_bytes(32)
+            self._secret_at = now
+        return self._secret, self._old_secret
+
+    def _cookie_ok(self, src: bytes, data: bytes, now: float) -> bool:
+        """Does the init's cookie_mac hold a cookie we gave ``src`` (this secret or the
+        one before)?"""
+        signed, cookie_mac = data[: INIT_LEN + MAC_LEN], data[INIT_LEN + MAC_LEN :]
+        for secret in self._secrets(now):
+            if secret is not None and hmac.compare_digest(
+                _mac(_mac(secret, src), signed), cookie_mac
+            ):
+                return True
+        return False
+
+    def _rekey_ok(self, peer: _Peer | None, data: bytes, now: float) -> bool:
+        """Is the init's rekey_mac made with the keys of a live session with ``peer``?"""
+        if peer is None:
+            return False
+        rekey_mac = data[INIT_LEN : INIT_LEN + MAC_LEN]
+        base = data[:INIT_LEN]
+        return any(
+            now < kp.created + self.params.reject_after_time
+            and hmac.compare_digest(_mac(kp.rekey_key, base), rekey_mac)
+            for kp in peer.keypairs()
+        )
+
+    def _admit(
+        self, src: bytes, data: bytes, now: float, out: list[SessionOut], ingress: Hashable
+    ) -> str | None:
+        """Which budget an init comes out of, before any public-key operation:
+
+        1. a rekey_mac made with a live session's keys: the peer's own bucket;
+        2. a valid cookie_mac: the source's cookie bucket and the cookie budget;
+        3. otherwise (plain): the source's bucket, then the global budget; under
+           load it gets a cookie reply instead.
+        """
+        peer = self._peers.get(src)
+        extended = len(data) == INIT_EXT_LEN
+        # Each refusal below is counted.
+        if extended and data[INIT_LEN : INIT_LEN + MAC_LEN] != _NO_MAC:
+            if self._rekey_ok(peer, data, now):
+                assert peer is not None
+                mac = data[INIT_LEN : INIT_LEN + MAC_LEN]
+                if mac in peer.rekey_macs:  # a replayed rekey init spends nothing
+                    self.counters["session.drop.replayed_init"] += 1
+                    return None
+                peer.rekey_macs.append(mac)
+                if peer.rekey_bucket is None:
+                    peer.rekey_bucket = TokenBucket(
+                        self.params.init_rate, self.params.init_burst, now
+                    )
+                if not peer.rekey_bucket.take(now):
+                    self._refuse(out, "rate_limited_rekey", now)
+                    return None
+                self.counters["session.handshake.rekey_mac_ok"] += 1
+                return "rekey"
+            self.counters["session.handshake.rekey_mac_bad"] += 1
+        st = self._source(src if ingress is None else (src, ingress), now)
+        if extended and data[INIT_LEN + MAC_LEN :] != _NO_MAC:
+            if self._cookie_ok(src, data, now):
+                mac = data[INIT_LEN + MAC_LEN :]
+                if mac in st.cookie_macs:
+                    self.counters["session.drop.replayed_init"] += 1
+                    return None
+                st.cookie_macs.append(mac)
+                if st.cookie is None:
+                    st.cookie = TokenBucket(self.params.init_rate, self.params.init_burst, now)
+                if not (st.cookie.take(now) and self._cookie_inits.take(now)):
+                    self._refuse(out, "rate_limited_cookie", now)
+                    return None
+                self.counters["session.handshake.cookie_ok"] += 1
+                return "cookie"
+            self.counters["session.handshake.cookie_bad"] += 1  # old secret: a new cookie
+        if not st.plain.take(now):
+            self._refuse(out, "rate_limited", now)
+            return None
+        if self._under_load(now, out):
+            self.counters["session.drop.cookie_required"] += 1
+            self._send_cookie(src, data, now, out)
+            return None
+        return "plain"
+
+    def _send_cookie(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
+        """Answer an init with a cookie for its claimed source, routed to that SID: a
+        node that only claims a SID never gets it."""
+        if self._routable is not None and not self._routable(src):
+            self.counters["session.drop.cookie_unroutable"] += 1
+            return
+        if not self._cookie_replies.take(now):
+            self._refuse(out, "cookie_reply_limited", now)
+            return
+        secret, _ = self._secrets(now)
+        _, sender_index = INIT_HEADER.unpack_from(data)
+        body = COOKIE_HEADER.pack(TYPE_COOKIE, sender_index) + _mac(secret, src)
+        tag = _mac(_derive(b"mp-cookie-bind", data[:INIT_LEN]), body)
+        self.counters["session.handshake.cookie_tx"] += 1
+        out.append(Transmit(src, body + tag))
+
+    def _our_pending(self, src: bytes, receiver_index: int) -> _Pending | None:
+        """Our handshake that an answer from ``src`` names, or None (counted)."""
+        pending = self._by_index.get(receiver_index)
+        if not isinstance(pending, _Pending):
+            self.counters["session.drop.unknown_index"] += 1
+            return None
+        if src != pending.peer.sid:
+            self.counters["session.drop.forged_source"] += 1
+            return None
+        return pending
+
+    def _on_cookie(self, src: bytes, data: bytes, now: float, out: list[SessionOut]) -> None:
+        """A cookie reply to our latest INIT: keep the cookie and send the INIT again
+        with it at once (the responder is under load)."""
+        if len(data) != COOKIE_LEN:
             self.counters["session.drop.malformed"] += 1
             return
-        if not self._rate_ok(src, now):  # before any public-key operation
-            self.counters["session.drop.rate_limited"] += 1
+        _, receiver_index = COOKIE_HEADER.unpack_from(data)
+        pending = self._our_pending(src, receiver_index)
+        if pending is None:
+            return
+        peer = pending.peer
+        body, tag = data[: COOKIE_HEADER.size + MAC_LEN], data[COOKIE_HEADER.size + MAC_LEN :]
+        # Only a node that saw our INIT can make this tag.
+        if not hmac.compare_digest(_mac(_derive(b"mp-cookie-bind", pending.init), body), tag):
+            self.counters["session.drop.bad_tag"] += 1
+            return
+        cookie = body[COOKIE_HEADER.size :]
+        self.counters["session.handshake.cookie_rx"] += 1
+        peer.cookie, peer.cookie_at = cookie, now
+        peer.v2, peer.legacy = True, False
+        if pending.cookie != cookie:  # else it is stale: the timer retries
+            self._start_handshake(peer, now, out)
+
+    def _on_init(
+        self, src: bytes, data: bytes, now: float, out: list[SessionOut], ingress: Hashable
+    ) -> None:
+        if len(data) not in (INIT_LEN, INIT_EXT_LEN):
+            self.counters["session.drop.malformed"] += 1
+            return
+        if src == self.sid:
+            self.counters["session.drop.forged_source"] += 1
+            return
+        tier = self._admit(src, data, now, out, ingress)
+        if tier is None:
             return
         known = self._peers.get(src)
         try:
@@ -570,15 +895,18 @@ class SessionManager:
         except SidError:
             self.counters["session.drop.forged_source"] += 1
             return
-        if sid == self.sid:
-            self.counters["session.drop.forged_source"] += 1
+        new_peer = known is None or not self._can_send(known.current, now)
+        if new_peer and not self._admit_half_open(src, now, plain=tier == "plain"):
+            self._refuse(out, "too_many_handshakes", now)
+            if tier == "plain":  # a cookie would give it the other half of the room
+                self._send_cookie(src, data, now, out)
             return
         _, sender_index = INIT_HEADER.unpack_from(data)
         hs = HandshakeState(
             PROTOCOL_IK, False, prologue=PROLOGUE, s=self._static, e=self._ephemeral()
         )
         try:
-            payload = hs.read_message(data[INIT_HEADER.size :])
+            payload = hs.read_message(data[INIT_HEADER.size : INIT_LEN])
         except NoiseError:
             self.counters["session.drop.bad_tag"] += 1
             return
@@ -607,6 +935,8 @@ class SessionManager:
                     del self._init_ts[k]
         # The init is authentic and fresh: the peer is alive.
         peer.unanswered_since = None
+        if len(data) == INIT_EXT_LEN:
+            peer.v2, peer.legacy = True, False
         pending = peer.pending
         if pending is not None:
             if self.sid < peer.sid:
@@ -631,11 +961,14 @@ class SessionManager:
             created=now,
             initiator=False,
             replay=ReplayWindow(self.params.replay_blocks),
+            rekey_key=_rekey_key(recv_cs, send_cs),
         )
         if peer.next is not None:
             self._by_index.pop(peer.next.local_index, None)
         peer.next = kp
         self._by_index[idx] = kp
+        if new_peer:
+            self._hold_half_open(src, plain=tier == "plain")
         self.counters["session.handshake.init_rx"] += 1
         self.counters["session.handshake.resp_tx"] += 1
         out.append(Transmit(peer.sid, RESP_HEADER.pack(TYPE_RESP, idx, sender_index) + msg2))
@@ -645,14 +978,10 @@ class SessionManager:
             self.counters["session.drop.malformed"] += 1
             return
         _, sender_index, receiver_index = RESP_HEADER.unpack_from(data)
-        pending = self._by_index.get(receiver_index)
-        if not isinstance(pending, _Pending):
-            self.counters["session.drop.unknown_index"] += 1
+        pending = self._our_pending(src, receiver_index)
+        if pending is None:
             return
         peer = pending.peer
-        if src != peer.sid:
-            self.counters["session.drop.forged_source"] += 1
-            return
         try:
             pending.hs.read_message(data[RESP_HEADER.size :])
         except NoiseError:
@@ -668,9 +997,14 @@ class SessionManager:
             created=now,
             initiator=True,
             replay=ReplayWindow(self.params.replay_blocks),
+            rekey_key=_rekey_key(send_cs, recv_cs),
         )
         self._by_index[kp.local_index] = kp
         peer.pending = None
+        if pending.extended:
+            peer.v2, peer.legacy = True, False
+        elif pending.extended_tried and not peer.v2:
+            peer.legacy = True  # it answered only the plain form: an older version
         self.counters["session.handshake.resp_rx"] += 1
         peer.unanswered_since = None
         self._install(peer, kp, now, out)
@@ -687,6 +1021,7 @@ class SessionManager:
         peer.current = kp
         peer.next = None
         peer.last_handshake = now
+        self._release_half_open(bytes(peer.sid))
         fields = {"peer": peer.sid.short, "initiator": kp.initiator}
         if old_cur is None or peer.established_at is None:
             peer.established_at = now
@@ -763,16 +1098,57 @@ class SessionManager:
         last = self._probed.get(src)
         if last is not None and now < last + self.params.rekey_timeout:
             return
+        if self._routable is not None and not self._routable(src):
+            self.counters["session.drop.probe_unroutable"] += 1
+            return
         if not self._probe_bucket.take(now):
+            return
+        if not self._admit_half_open(src, now, plain=True):
+            self._refuse(out, "too_many_handshakes", now)
             return
         peer = self._peer(src, now)
         if peer is None:
             return
+        self._hold_half_open(src, plain=True)
         if len(self._probed) >= self.params.max_peers:
             self._probed.clear()
         self._probed[src] = now
         self.counters["session.handshake.restart_probe"] += 1
         self._start_handshake(peer, now, out)
+
+    def _admit_half_open(self, src: bytes, now: float, plain: bool) -> bool:
+        """Room for one more handshake an outsider made us start (max_handshakes;
+        plain ones in half of it)? Entries already held are never evicted for a
+        newcomer: a full table refuses until they complete or time out."""
+        cap = self.params.max_handshakes
+        plain_cap = max(1, cap // 2)
+        if src in self._half_open:
+            return True
+        if len(self._half_open) >= cap or (plain and self._half_open_plain >= plain_cap):
+            for k in list(self._half_open):
+                if not self._is_half_open(self._peers.get(k), now):
+                    self._release_half_open(k)
+        return len(self._half_open) < cap and not (plain and self._half_open_plain >= plain_cap)
+
+    def _hold_half_open(self, src: bytes, plain: bool) -> None:
+        self._release_half_open(src)
+        self._half_open[src] = plain
+        self._half_open_plain += plain
+
+    def _release_half_open(self, src: bytes) -> None:
+        if self._half_open.pop(src, False):
+            self._half_open_plain -= 1
+
+    def _is_half_open(self, peer: _Peer | None, now: float) -> bool:
+        return (
+            peer is not None
+            and not self._can_send(peer.current, now)
+            and (peer.next is not None or peer.pending is not None)
+        )
+
+    def handshakes_in_progress(self) -> int:
+        """Entries in the bounded table of handshakes outsiders can start."""
+        return len(self._half_open)
 
     # -- peers and timers --------------------------------------------------------------
 
@@ -815,6 +1191,14 @@ class SessionManager:
                     peer.established_at = None
                     self.counters["session.expired"] += 1
                     out.append(Event("session.expired", {"peer": peer.sid.short}))
+        nxt = peer.next
+        if nxt is not None and peer.current is None and now >= nxt.created + p.half_open_timeout:
+            # Never confirmed by a node we had no session with: forget it (bounds
+            # what a stream of valid inits from fresh keys can make us hold).
+            self._by_index.pop(nxt.local_index, None)
+            peer.next = None
+            self._release_half_open(bytes(peer.sid))
+            self.counters["session.handshake.half_open_expired"] += 1
         pending = peer.pending
         if pending is not None and now >= pending.next_retry:
             if now >= pending.started + p.handshake_give_up:
@@ -847,12 +1231,15 @@ class SessionManager:
                 self._seal(peer, peer.current, b"", now, out)
         if self._idle(peer):
             del self._peers[bytes(peer.sid)]
+            self._release_half_open(bytes(peer.sid))
 
     def _peer_deadline(self, peer: _Peer) -> float:
         p = self.params
         d = math.inf
         for kp in peer.keypairs():
             d = min(d, kp.created + p.reject_after_time)
+        if peer.next is not None and peer.current is None:
+            d = min(d, peer.next.created + p.half_open_timeout)
         if peer.pending is not None:
             d = min(d, peer.pending.next_retry)
         elif peer.queue and not self._can_send(peer.current, self._now):
@@ -887,12 +1274,16 @@ class SessionManager:
 
 
 __all__ = [
+    "COOKIE_LEN",
+    "INIT_EXT_LEN",
     "INIT_LEN",
+    "MAC_LEN",
     "MAX_PLAINTEXT",
     "PROLOGUE",
     "RESP_LEN",
     "TRANSPORT_HEADER_LEN",
     "TRANSPORT_OVERHEAD",
+    "TYPE_COOKIE",
     "TYPE_INIT",
     "TYPE_RESP",
     "TYPE_TRANSPORT",

@@ -33,7 +33,7 @@ import math
 import os
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -138,6 +138,7 @@ class NodeStack:
                 epoch_ns,
                 session_params,
                 random_bytes=random_bytes if random_bytes is not None else os.urandom,
+                routable=self.core.fwd.table.__contains__,
             )
         self.mdp = Mdp(echo=echo)
         # A sharded stack runs in a worker that may be restarted: random stream numbers.
@@ -178,7 +179,7 @@ class NodeStack:
                 self._counters["discovery.drop.unknown_neighbour"] += 1
                 return []
             return self._discovery_outs(self.discovery.on_message((iface, src), frame, now))
-        return self._process(self.core.on_frame(iface, src, frame, now), now)
+        return self._process(self.core.on_frame(iface, src, frame, now), now, (iface, src))
 
     def on_timer(self, now: float) -> list[Action]:
         self._now = now
@@ -386,14 +387,17 @@ class NodeStack:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _process(self, actions: Sequence[Action], now: float) -> list[Action]:
+    def _process(
+        self, actions: Sequence[Action], now: float, ingress: Hashable = None
+    ) -> list[Action]:
+        """``ingress``: the (interface, link address) the frame came from, if any."""
         out: list[Action] = []
         for a in actions:
             if isinstance(a, Deliver) and self.session is None:
                 out.append(Open(a.src, a.payload, a.hops))
             elif isinstance(a, Deliver) and self.session is not None:
                 try:
-                    outs = self.session.on_packet(a.src, a.payload, now)
+                    outs = self.session.on_packet(a.src, a.payload, now, ingress)
                     self._session_outs(outs, a.hops, now, out)
                 except Exception as exc:  # a bug costs one packet, never the node
                     self._counters["stack.drop.internal_error"] += 1

@@ -10,6 +10,7 @@ from meshpipe.dataplane import ShardedNode
 from meshpipe.identity import Identity, Sid
 from meshpipe.msp import Msp, MspParams, Stream
 from meshpipe.node import InterfaceParams
+from meshpipe.session import SessionParams
 from meshpipe.sim import LinkProfile, SimMesh
 from meshpipe.stack import NodeStack
 from meshpipe.tunnel import IPNetwork
@@ -34,6 +35,7 @@ class Line:
         mtu: int = 1400,
         shards: int = 0,
         tunnel_routes: list[tuple[IPNetwork, bytes]] | None = None,
+        session_params: SessionParams | None = None,
     ) -> None:
         """``shards`` > 0: ShardedNodes (sessions in that many crypto shards, as the
         worker processes run them) instead of plain NodeStacks."""
@@ -56,6 +58,7 @@ class Line:
                     random_bytes=self.rng.randbytes,
                     msp_params=msp_params,
                     tunnel_routes=tunnel_routes,
+                    session_params=session_params,
                 )
             else:
                 node = NodeStack(

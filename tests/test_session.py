@@ -15,10 +15,13 @@ from hypothesis import strategies as st
 from meshpipe.actions import Event
 from meshpipe.identity import Identity, Sid
 from meshpipe.session import (
+    COOKIE_LEN,
+    INIT_EXT_LEN,
     INIT_LEN,
     PROLOGUE,
     RESP_LEN,
     TRANSPORT_OVERHEAD,
+    TYPE_COOKIE,
     TYPE_INIT,
     TYPE_RESP,
     TYPE_TRANSPORT,
@@ -49,8 +52,10 @@ class Net:
         delay: float = 0.01,
         jitter: float = 0.0,
         seed: int = 1,
+        routable: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.params = params or SessionParams()
+        self.routable = routable
         self.delay = delay
         self.jitter = jitter
         self.rng = random.Random(seed)
@@ -64,6 +69,7 @@ class Net:
             tuple[str, str, bytes, float]
         ] = []  # every packet sent: src, dst, payload, t
         self.tap: Tap | None = None
+        self.nowhere: list[Transmit] = []  # sent to SIDs of no node in the net
         self._heap: list[tuple[float, int, str, bytes, bytes]] = []
         self._seq = itertools.count()
         for n in names:
@@ -78,6 +84,7 @@ class Net:
             epoch_ns,
             self.params,
             random_bytes=self.rng.randbytes,
+            routable=self.routable,
         )
 
     def sid(self, name: str) -> Sid:
@@ -86,6 +93,9 @@ class Net:
     def handle(self, name: str, outs: list[SessionOut]) -> None:
         for o in outs:
             if isinstance(o, Transmit):
+                if bytes(o.dst) not in self.by_sid:  # a SID nobody here owns
+                    self.nowhere.append(o)
+                    continue
                 dst = self.by_sid[bytes(o.dst)]
                 self.wire.append((name, dst, o.payload, self.now))
                 payload: bytes | None = o.payload
@@ -106,9 +116,11 @@ class Net:
     def send(self, src: str, dst: str, data: bytes) -> None:
         self.handle(src, self.m[src].send(self.sid(dst), data, self.now))
 
-    def deliver(self, dst: str, src_sid: bytes, payload: bytes) -> list[SessionOut]:
-        """Hand a packet to ``dst`` now, as if from ``src_sid``."""
-        outs = self.m[dst].on_packet(src_sid, payload, self.now)
+    def deliver(
+        self, dst: str, src_sid: bytes, payload: bytes, ingress: object = None
+    ) -> list[SessionOut]:
+        """Hand a packet to ``dst`` now, as if from ``src_sid`` (by ``ingress``)."""
+        outs = self.m[dst].on_packet(src_sid, payload, self.now, ingress)
         self.handle(dst, outs)
         return outs
 
@@ -349,8 +361,12 @@ def test_fuzz_never_raises_and_never_delivers_garbage(data: st.DataObject) -> No
     if kind == "random":
         pkt = data.draw(st.binary(max_size=200))
     elif kind == "typed":
-        t = data.draw(st.sampled_from([TYPE_INIT, TYPE_RESP, TYPE_TRANSPORT]))
-        size = data.draw(st.sampled_from([INIT_LEN - 1, RESP_LEN - 1, 28, 29, 57, 113, 150]))
+        t = data.draw(st.sampled_from([TYPE_INIT, TYPE_RESP, TYPE_TRANSPORT, TYPE_COOKIE]))
+        size = data.draw(
+            st.sampled_from(
+                [INIT_LEN - 1, RESP_LEN - 1, INIT_EXT_LEN - 1, COOKIE_LEN - 1, 28, 29, 57, 150]
+            )
+        )
         pkt = bytes([t]) + data.draw(st.binary(min_size=size, max_size=size))
     else:
         base = bytearray(data.draw(st.sampled_from(valid)))
@@ -601,11 +617,15 @@ def test_init_rate_limited_per_source_and_globally() -> None:
         net.deliver("b", a, junk)
     assert net.c("b", "session.drop.rate_limited") == 90
     assert net.c("b", "session.drop.bad_tag") == 10
-    # Many claimed sources: the global bucket holds (30 tokens left of 40).
+    # Many claimed sources: the global bucket holds (30 tokens left of 40); past it
+    # the node is under load and answers with cookies instead.
     srcs = [bytes([i]) * 32 for i in range(1, 101)]
     for s in srcs:
         net.deliver("b", s, junk)
-    assert net.c("b", "session.drop.rate_limited") == 90 + 70
+    assert net.c("b", "session.drop.rate_limited") == 90
+    assert net.c("b", "session.drop.cookie_required") == 70
+    assert net.c("b", "session.handshake.cookie_tx") == 70
+    assert len(net.nowhere) == 70
     # Tokens come back with time; a genuine handshake then succeeds.
     net.run_for(2.0)
     net.send("a", "b", b"ok")

@@ -600,6 +600,7 @@ class ControlWorker:
                     "worker": k,
                     "sessions": len(body.get("sessions", [])),
                     "tunnel_peers": body.get("tunnel_peers", 0),
+                    "handshakes_in_progress": body.get("handshakes_in_progress", 0),
                     "counters": body.get("counters", {}),
                     "in_queue_depth": body.get("in_queue_depth", 0),
                     "in_queue_dropped": body.get("in_queue_dropped", 0),

@@ -143,8 +143,8 @@ class CryptoWorker:
         if rec[0] != msg.REC_FRAME_IN:
             self.counters["crypto.drop.bad_record"] += 1
             return
-        _iface, _addr, frame = msg.parse_frame_in(rec)
-        self._execute(self.shard.on_frame(frame, now))
+        iface, addr, frame = msg.parse_frame_in(rec)
+        self._execute(self.shard.on_frame(frame, now, (iface, addr)))
 
     def on_peer(self, rec: bytes, now: float) -> None:
         """A packet another worker read from its TUN queue for one of our peers."""
@@ -209,6 +209,7 @@ class CryptoWorker:
             "counters": dict(counters),
             "sessions": self.shard.sessions(now),
             "tunnel_peers": len(self.shard.tunnel_streams),
+            "handshakes_in_progress": self.shard.session.handshakes_in_progress(),
             "in_queue_depth": sum(r.depth() for r in inputs),
             "in_queue_dropped": sum(r.dropped_full for r in inputs),
         }
