@@ -110,9 +110,11 @@ def transfer_timeout(payload: Payload, floor_mbit: float = 1.0) -> float:
 # -- raw TCP ----------------------------------------------------------------------------
 
 
-def tcp_run(topo: Topology, src: str, dst: str, payload: Payload) -> float:
+def tcp_run(
+    topo: Topology, src: str, dst: str, payload: Payload, timeout: float | None = None
+) -> float:
     addr = receiver_addr(topo, src, dst)
-    timeout = transfer_timeout(payload)
+    timeout = timeout or transfer_timeout(payload)
     py = sys.executable
     recv = topo.exec(
         dst,
@@ -303,9 +305,11 @@ def _tail(path: Path, n: int = 5) -> str:
         return ""
 
 
-def msp_run(lab: Lab, src: str, dst: str, payload: Payload, port: int) -> float:
+def msp_run(
+    lab: Lab, src: str, dst: str, payload: Payload, port: int, timeout: float | None = None
+) -> float:
     assert lab.topo is not None
-    timeout = transfer_timeout(payload)
+    timeout = timeout or transfer_timeout(payload)
     env = {**os.environ, "MESHPIPE_CONFIG": str(lab.nodes[dst].config)}
     # stderr to a file: a chatty child must never block on a full pipe nobody reads.
     listen_log = lab.nodes[dst].dir / f"msp-listen-{port}.log"

@@ -65,6 +65,9 @@ def send(addr: str, port: int, path: str) -> int:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+    # The 30 s was for connecting; a lossy path may stall a transfer longer than that
+    # (TCP's retransmission timer backs off), and the orchestrator has its own limit.
+    sock.settimeout(None)
     t_start = time.monotonic()
     sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)

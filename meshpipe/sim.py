@@ -20,7 +20,9 @@ Per-frame pipeline on one direction (in this order)
     link down -> ``dropped_no_link``; longer than ``mtu`` -> ``dropped_mtu``;
     tamper hook (``None`` -> ``dropped_tamper``); bandwidth queue (full ->
     ``dropped_queue``; otherwise the frame leaves when its serialization ends);
-    random loss -> ``lost``; base delay + uniform jitter; optional reorder delay;
+    random loss -> ``lost`` (independent per frame, then the burst model, then the
+    batch model: see :class:`GilbertElliott` and ``LinkProfile.batch_loss``); base
+    delay + uniform jitter; optional reorder delay;
     optional duplicate (a second copy, arriving after the first). Frames still in
     flight when their link is partitioned, or when either end node stops or is
     replaced, are lost (``lost_in_flight``); frames reaching a stopped node are
@@ -58,6 +60,7 @@ from meshpipe.actions import (
 
 __all__ = [
     "FrameRecord",
+    "GilbertElliott",
     "LinkProfile",
     "NodeStats",
     "SimBusyLoop",
@@ -81,11 +84,68 @@ class SimNode(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class GilbertElliott:
+    """Burst loss: a two-state Markov chain stepped once per frame.
+
+    In the good state a frame is lost with ``loss_good``, in the bad state with
+    ``loss_bad``; after each frame the chain moves good -> bad with ``p_good_bad``
+    and bad -> good with ``p_bad_good``. A bad spell lasts ``1 / p_bad_good`` frames
+    on average, so with ``loss_bad = 1`` and ``loss_good = 0`` that is the mean burst
+    length, and the long-run loss rate is the time spent in the bad state.
+    """
+
+    p_good_bad: float
+    p_bad_good: float
+    loss_good: float = 0.0
+    loss_bad: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("p_good_bad", "p_bad_good", "loss_good", "loss_bad"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a probability, got {v!r}")
+        if self.p_bad_good == 0.0:
+            raise ValueError("p_bad_good must be > 0 (a bad state that never ends)")
+
+    @classmethod
+    def bursts(cls, loss: float, mean_burst: float) -> GilbertElliott:
+        """Lose ``loss`` of the frames in bursts of ``mean_burst`` frames on average."""
+        if not 0.0 <= loss < 1.0 or mean_burst < 1.0:
+            raise ValueError(f"need 0 <= loss < 1 and mean_burst >= 1, got {loss}, {mean_burst}")
+        p_bg = 1.0 / mean_burst
+        return cls(p_good_bad=loss * p_bg / (1.0 - loss), p_bad_good=p_bg)
+
+    @property
+    def bad_share(self) -> float:
+        """Long-run fraction of frames sent in the bad state."""
+        return self.p_good_bad / (self.p_good_bad + self.p_bad_good)
+
+    @property
+    def mean_loss(self) -> float:
+        b = self.bad_share
+        return (1.0 - b) * self.loss_good + b * self.loss_bad
+
+    @property
+    def mean_bad_run(self) -> float:
+        """Mean length of a bad spell, in frames."""
+        return 1.0 / self.p_bad_good
+
+
 @dataclass
 class LinkProfile:
     """Fault model of one link direction. Read live: mutating it affects later frames."""
 
     loss: float = 0.0  # independent drop probability per frame per direction
+    burst: GilbertElliott | None = None  # burst loss on top of ``loss``
+    # What nftables does to a UDP GSO batch: a run of frames sent on this direction
+    # at one instant (one sendmsg, or a transit node forwarding what arrived together)
+    # is one packet to it, dropped as a whole with ``batch_loss``. A run ends as the
+    # interface worker's does: at ``batch_max`` frames or ``batch_bytes`` bytes, at
+    # a frame longer than the first, after a shorter one.
+    batch_loss: float = 0.0
+    batch_max: int = 64
+    batch_bytes: int = 65000
     delay: float = 0.005  # one-way base delay, seconds
     jitter: float = 0.0  # uniform extra delay in [0, jitter]
     reorder: float = 0.0  # probability of an extra reorder_delay (arrives after later frames)
@@ -106,7 +166,10 @@ class SimStats:
     sent: int = 0  # SendFrame actions executed
     transmitted: int = 0  # copies offered to a link (a multicast makes one per neighbour)
     delivered: int = 0  # frames handed to on_frame (not counting inject)
-    lost: int = 0  # random loss
+    lost: int = 0  # random loss (all models)
+    lost_burst: int = 0  # of which: burst model, bad or good state
+    lost_batch: int = 0  # of which: whole batches dropped
+    batches_lost: int = 0
     lost_in_flight: int = 0  # link partitioned / end node stopped while the frame flew
     dropped_mtu: int = 0
     dropped_queue: int = 0
@@ -197,6 +260,13 @@ class _Direction:
     """One direction of a link, with its queue and fault state."""
 
     __slots__ = (
+        "bad",
+        "batch_at",
+        "batch_bytes",
+        "batch_first",
+        "batch_last",
+        "batch_lost",
+        "batch_n",
         "busy_until",
         "dst",
         "dst_addr",
@@ -228,6 +298,33 @@ class _Direction:
         self.busy_until = -math.inf  # end of the last queued serialization
         self.queue: deque[float] = deque()  # serialization end times of queued frames
         self.reverse: _Direction = self
+        self.bad = False  # Gilbert-Elliott state
+        # The batch being sent (LinkProfile.batch_loss): its send time, frames, bytes,
+        # first and last frame lengths, and whether it is being dropped.
+        self.batch_at = -math.inf
+        self.batch_n = 0
+        self.batch_bytes = 0
+        self.batch_first = 0
+        self.batch_last = 0
+        self.batch_lost = False
+
+    def lose_in_batch(self, now: float, size: int, rnd: Callable[[], float]) -> bool:
+        """Whether this frame's batch is dropped (a new batch draws once)."""
+        p = self.profile
+        if (
+            now != self.batch_at
+            or self.batch_n >= p.batch_max
+            or self.batch_bytes + size > p.batch_bytes
+            or size > self.batch_first
+            or self.batch_last < self.batch_first
+        ):
+            self.batch_at, self.batch_n, self.batch_bytes = now, 0, 0
+            self.batch_first = size
+            self.batch_lost = rnd() < p.batch_loss
+        self.batch_n += 1
+        self.batch_bytes += size
+        self.batch_last = size
+        return self.batch_lost
 
     def flush(self) -> None:
         """Lose everything in flight or queued on this direction."""
@@ -679,6 +776,20 @@ class SimMesh:
         rnd = self._rng.random
         if p.loss and rnd() < p.loss:
             st.lost += 1
+            return
+        ge = p.burst
+        if ge is not None:
+            lost = rnd() < (ge.loss_bad if d.bad else ge.loss_good)
+            d.bad = rnd() >= ge.p_bad_good if d.bad else rnd() < ge.p_good_bad
+            if lost:
+                st.lost += 1
+                st.lost_burst += 1
+                return
+        if p.batch_loss and d.lose_in_batch(now, len(frame), rnd):
+            st.lost += 1
+            st.lost_batch += 1
+            if d.batch_n == 1:
+                st.batches_lost += 1
             return
         t += p.delay
         if p.jitter:

@@ -24,7 +24,7 @@ from meshpipe.actions import (
     LinkAddr,
     SendFrame,
 )
-from meshpipe.sim import LinkProfile, SimBusyLoop, SimMesh
+from meshpipe.sim import GilbertElliott, LinkProfile, SimBusyLoop, SimMesh
 
 # ---------------------------------------------------------------- toy nodes
 
@@ -169,6 +169,87 @@ def test_loss_rate_matches_and_asymmetric_profile() -> None:
     assert mesh.stats.lost == n - got
     assert len(probe(mesh, "a").heard) == 200  # the reverse direction is lossless
     assert mesh.stats.sent == n + 200 and mesh.stats["delivered"] == got + 200
+
+
+def _loss_runs(received: set[int], n: int) -> list[int]:
+    """Lengths of the runs of consecutive frame numbers below ``n`` not received."""
+    runs: list[int] = []
+    run = 0
+    for i in range(n):
+        if i in received:
+            if run:
+                runs.append(run)
+            run = 0
+        else:
+            run += 1
+    if run:
+        runs.append(run)
+    return runs
+
+
+@pytest.mark.parametrize(("loss", "burst"), [(0.1, 8.0), (0.05, 30.0), (0.2, 1.5)])
+def test_gilbert_elliott_loss_rate_and_burst_length(loss: float, burst: float) -> None:
+    model = GilbertElliott.bursts(loss, burst)
+    assert model.mean_loss == pytest.approx(loss) and model.mean_bad_run == pytest.approx(burst)
+    mesh = pair(LinkProfile(burst=model))
+    n = 60_000
+    send_series(mesh, n, 0.0001)
+    mesh.run_for(1.0)
+    got = {unstamp(f)[0] for _, _, _, f in probe(mesh, "b").heard}
+    runs = _loss_runs(got, n)
+    assert mesh.stats.lost == mesh.stats.lost_burst == n - len(got)
+    assert abs((n - len(got)) / n - loss) < 0.25 * loss
+    assert abs(sum(runs) / len(runs) - burst) < 0.2 * burst
+
+
+def test_gilbert_elliott_lossy_good_state_and_validation() -> None:
+    # A bad state that loses half and a good state that loses 1%.
+    model = GilbertElliott(p_good_bad=0.01, p_bad_good=0.1, loss_good=0.01, loss_bad=0.5)
+    assert model.mean_loss == pytest.approx(10 / 11 * 0.01 + 1 / 11 * 0.5)
+    mesh = pair(LinkProfile(burst=model))
+    n = 50_000
+    send_series(mesh, n, 0.0001)
+    mesh.run_for(1.0)
+    assert abs(mesh.stats.lost_burst / n - model.mean_loss) < 0.15 * model.mean_loss
+    with pytest.raises(ValueError):
+        GilbertElliott(p_good_bad=0.1, p_bad_good=0.0)
+    with pytest.raises(ValueError):
+        GilbertElliott(p_good_bad=1.5, p_bad_good=0.5)
+    with pytest.raises(ValueError):
+        GilbertElliott.bursts(0.1, 0.5)
+
+
+def test_batch_loss_drops_whole_runs() -> None:
+    """A run of frames sent at one instant is one GSO batch: dropped or kept as a whole."""
+    mesh = pair(LinkProfile(batch_loss=0.1, batch_max=45))
+    batches = 2000
+    for k in range(batches):
+        for i in range(90):  # two batches of 45 full-size frames at each instant
+            send(mesh, "a", ("b", 0), stamped(k * 90 + i, mesh.now, size=1200))
+        mesh.run_for(0.001)
+    mesh.run_for(1.0)
+    got = {unstamp(f)[0] for _, _, _, f in probe(mesh, "b").heard}
+    n = batches * 90
+    for start in range(0, n, 45):  # every batch is all there or all gone
+        present = sum(1 for i in range(start, start + 45) if i in got)
+        assert present in (0, 45)
+    assert mesh.stats.batches_lost == (n - len(got)) // 45
+    assert abs(mesh.stats.batches_lost / (2 * batches) - 0.1) < 0.02
+    assert mesh.stats.lost_batch == mesh.stats.lost == n - len(got)
+
+
+def test_batch_ends_like_a_gso_run() -> None:
+    """Batches end at the byte limit, at a longer frame and after a shorter one."""
+    mesh = pair(LinkProfile(batch_loss=1.0, batch_bytes=10_000))
+    # 8 x 1200 bytes fit 10 kB, the 9th starts a new batch; a 100-byte frame closes
+    # that one; the 1200-byte frame after it starts the third.
+    for i, size in enumerate([1200] * 9 + [100, 1200, 1300]):
+        send(mesh, "a", ("b", 0), stamped(i, mesh.now, size=size))
+    # the 1300-byte frame is longer than its batch's first: a fourth batch
+    mesh.run_for(0.001)
+    send(mesh, "a", ("b", 0), stamped(99, mesh.now, size=1200))  # a later instant: a fifth
+    assert mesh.stats.batches_lost == 5
+    assert mesh.stats.lost == 13
 
 
 def test_delay_and_jitter_bounds() -> None:

@@ -43,10 +43,21 @@ class RttEstimator:
     min_rtt: float = 0.0  # 0.0 until the first sample
     _min_at: float = 0.0
     _samples: int = 0
+    _provisional: bool = False
 
-    def sample(self, rtt: float, now: float) -> None:
+    def sample(self, rtt: float, now: float, *, provisional: bool = False) -> None:
+        """One RTT sample. A ``provisional`` one (the stream handshake's, which may
+        include waiting for the session's own handshake, seconds on a lossy path) is
+        replaced outright by the first real sample instead of being averaged away
+        over dozens of round trips, each paying its inflated timeouts."""
         rtt = max(rtt, 1e-4)
         self.latest = rtt
+        if self._provisional and not provisional:
+            self._provisional = False
+            self._samples = 0
+            self.min_rtt = 0.0
+        elif provisional:
+            self._provisional = self._samples == 0
         if self._samples == 0:
             self.srtt, self.rttvar = rtt, rtt / 2
         else:
@@ -63,7 +74,23 @@ class RttEstimator:
     def rto(self) -> float:
         if not self._samples:
             return self.initial_rto
-        return min(self.max_rto, max(self.min_rto, self.srtt + 4 * self.rttvar))
+        t = self.srtt + 4 * self.rttvar
+        if self._provisional:
+            t = min(t, self.initial_rto)
+        return min(self.max_rto, max(self.min_rto, t))
+
+    def pto(self, max_ack_delay: float, min_pto: float) -> float:
+        """The probe timeout (RFC 9002 6.2): how long a flight may go unanswered.
+
+        No 200 ms floor as the RTO has: on a 3 ms path that floor is 70 round trips
+        of silence after every tail loss, and when a whole GSO batch (the entire
+        flight) is dropped, every loss is a tail loss."""
+        if not self._samples:
+            return self.initial_rto
+        t = self.srtt + max(4 * self.rttvar, 0.001) + max_ack_delay
+        if self._provisional:  # seconds of session handshake say nothing of the path
+            t = min(t, self.initial_rto)
+        return min(self.max_rto, max(min_pto, t))
 
 
 @dataclass
@@ -125,8 +152,16 @@ class Veno:
             self.cwnd = max(self.cwnd * 0.5, 2.0 * self.mss)
         self.ssthresh = self.cwnd
 
-    def on_persistent_congestion(self) -> None:
-        """Several probe timeouts in a row: the path may be gone or badly congested."""
+    def on_persistent_congestion(self, rtt: RttEstimator) -> None:
+        """Several probe timeouts in a row: the path may be gone or badly congested.
+
+        Veno's test again: without a standing queue before the silence, the probes
+        were lost at random (bursts on a lossy link take several in a row), and a
+        window collapsed to two segments would make every later loss a tail loss
+        again; the losses have already cut the window. With a queue, collapse."""
+        if self.backlog(rtt) < self.beta:
+            self.random_losses += 1
+            return
         self.ssthresh = max(self.cwnd * 0.5, 2.0 * self.mss)
         self.cwnd = 2.0 * self.mss
 

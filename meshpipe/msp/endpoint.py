@@ -52,9 +52,18 @@ class MspParams:
     recv_buffer: int = 1 << 20  # bytes a stream holds unread (the advertised window)
     initial_rto: float = 1.0
     min_rto: float = 0.2
+    min_pto: float = 0.005  # floor of the probe timeout (tail losses)
+    # The probe timeout backs off (doubles) while probes go unanswered, up to this
+    # (or two unbacked timeouts, if longer): on a path that drops a tenth of its
+    # batches, a run of ten lost probes is not rare, and a minute of silence after
+    # it costs more than a probe a second ever could.
+    max_pto_backoff: float = 1.0
     ack_every: int = 2  # segments per immediate ACK when in order
     ack_delay: float = 0.01
-    handshake_timeout: float = 20.0
+    # An open waits this long for the session and the SYN/SYNACK to get through: on a
+    # path that loses half of its round trips, 20 s of 1-2-4-8 s session handshake
+    # retries fail about one open in twenty.
+    handshake_timeout: float = 60.0
     keepalive_interval: float = 10.0
     idle_timeout: float = 60.0
     # A closed stream still answers its peer's retransmitted last segments this long:

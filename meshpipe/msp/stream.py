@@ -346,7 +346,7 @@ class Stream:
         if isinstance(seg, wire.Ack) and not self.initiator and not self.rtt.has_sample:
             sent = self._synack_sent.pop(seg.echo, None)
             if sent is not None:  # echoes one of our SYNACKs: the acceptor's first RTT
-                self.rtt.sample(now - sent, now)
+                self.rtt.sample(now - sent, now, provisional=True)
                 self._synack_sent.clear()
         if isinstance(seg, wire.Syn):
             if self.state is State.SYN_RCVD:  # our SYNACK was lost: answer again
@@ -356,7 +356,7 @@ class Stream:
         elif isinstance(seg, wire.SynAck):
             if self.state is State.SYN_SENT:
                 self._peer_edge = seg.window
-                self.rtt.sample(ms_since(now, seg.echo), now)
+                self.rtt.sample(ms_since(now, seg.echo), now, provisional=True)
                 self._established(now)
             self._echo = seg.ts
             self._ack_now = True  # confirms the handshake to the acceptor
@@ -485,8 +485,12 @@ class Stream:
     def _pto_deadline(self) -> float:
         if self._inflight == 0 and not self._lost and self._skip_sent >= self._skip_to:
             return math.inf
-        backoff: float = self.rtt.rto() * 2.0**self._pto_count
-        return self._pto_base + min(backoff, 60.0)
+        pto = self._pto_interval()
+        cap = max(2 * pto, self.params.max_pto_backoff)
+        return self._pto_base + min(pto * 2.0 ** min(self._pto_count, 30), cap, 60.0)
+
+    def _pto_interval(self) -> float:
+        return self.rtt.pto(self._max_ack_delay(), self.params.min_pto)
 
     def _origin_of(self, offset: int) -> float:
         """Deadline mode: the write time of the byte at ``offset``."""
@@ -738,7 +742,7 @@ class Stream:
             if victims:
                 self._mark_lost(victims[0], now)
         else:
-            self.cc.on_persistent_congestion()
+            self.cc.on_persistent_congestion(self.rtt)
             for seg in victims:
                 self._requeue(seg)
         self._touch()
@@ -766,6 +770,12 @@ class Stream:
             self.host.count("msp.drop.bad_segment")
             return
         self._echo = seg.ts
+        # The first segment after a silence (a probe after a lost flight, or the next
+        # burst of an idle stream) is acked at once: the sender is waiting on it, and a
+        # delayed ACK there only stretches its timeouts and RTT variance.
+        quick = self._last_data_at is None or now - self._last_data_at > max(
+            4 * self._data_gap, 2 * self.params.ack_delay
+        )
         if self._last_data_at is not None:
             self._data_gap += (now - self._last_data_at - self._data_gap) / 8
         self._last_data_at = now
@@ -806,11 +816,18 @@ class Stream:
         if dup:
             self._ack_dup = True
             self._ack_now = True
-        elif not in_order or seg.fin or self._unacked >= self.params.ack_every:
+        elif not in_order or seg.fin or quick or self._unacked >= self.params.ack_every:
             self._ack_now = True
         elif self._ack_due == math.inf:
             self._ack_due = now + self._ack_delay()
         self._touch()
+
+    def _max_ack_delay(self) -> float:
+        """The longest the peer holds an ACK (its ``_ack_delay()`` cap, same params)."""
+        cap = 0.25
+        if self.rtt.has_sample:
+            cap = min(cap, max(0.001, self.rtt.min_rtt / 2))
+        return cap
 
     def _ack_delay(self) -> float:
         """How long an in-order segment may wait for the next before it is acked.
@@ -821,10 +838,7 @@ class Stream:
         ``ack_every`` segments despite jitter), at most 250 ms and, once the RTT is
         known, half the smallest RTT, so the delay never dominates the sender's RTT
         samples (its loss timers and queue estimate read them)."""
-        cap = 0.25
-        if self.rtt.has_sample:
-            cap = min(cap, max(self.params.ack_delay, self.rtt.min_rtt / 2))
-        return min(cap, max(self.params.ack_delay, 2.0 * self._data_gap))
+        return min(self._max_ack_delay(), max(self.params.ack_delay, 2.0 * self._data_gap))
 
     def _deliver(self, offset: int, data: bytes) -> None:
         self._rq.append((offset, data))
