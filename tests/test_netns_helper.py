@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from tests.netns import (
     LOCK_DIR,
     UNDERLAY,
+    Topology,
     cleanup_stale,
     default_prefix,
     line_topology,
@@ -158,3 +160,56 @@ def test_live_prefix_is_not_removed(prefix: str) -> None:
 def test_rejects_bad_arguments(names: list[str], bad_prefix: str | None) -> None:
     with pytest.raises(ValueError), line_topology(names, bad_prefix or default_prefix()):
         pass
+
+
+def _pings(topo: Topology, src: str, dst_addr: str, count: int) -> int:
+    """How many of ``count`` quick pings from ``src`` to ``dst_addr`` got a reply."""
+    res = topo.run(
+        src, ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "1", dst_addr], timeout=30
+    )
+    m = re.search(r"(\d+) received", res.stdout)
+    assert m is not None, res.stdout + res.stderr
+    return int(m.group(1))
+
+
+def test_kernel_loss_rules(prefix: str) -> None:
+    with line_topology(["a", "b", "c"], prefix) as topo:
+        b_addr = topo.address_towards("b", "a")
+        assert _pings(topo, "a", b_addr, 5) == 5
+        # All of a's sent frames on its link to b are dropped, and counted.
+        topo.set_loss("a", 100, peer="b", directions=["out"])
+        assert _pings(topo, "a", b_addr, 5) == 0
+        assert topo.loss_drops("a")[("veth1", "out")] >= 5
+        # Requests lost on b's way in from a (ARP may add a drop or two).
+        topo.set_loss("a", 0, peer="b")
+        topo.set_loss("b", 100, peer="a", directions=["in"])
+        assert _pings(topo, "a", b_addr, 3) == 0
+        drops = topo.loss_drops("b")
+        assert list(drops) == [("veth1", "in")] and drops[("veth1", "in")] >= 3
+        # Partial loss drops some, not all; clear_loss removes every rule.
+        topo.set_loss("b", 50, peer="a", directions=["in"])
+        got = _pings(topo, "a", b_addr, 100)
+        assert 15 < got < 85
+        topo.clear_loss()
+        assert topo.loss_drops("b") == {}
+        assert _pings(topo, "a", b_addr, 5) == 5
+        with pytest.raises(ValueError):
+            topo.set_loss("a", 101)
+        with pytest.raises(ValueError):
+            topo.set_loss("a", 10, directions=["sideways"])
+        with pytest.raises(KeyError):
+            topo.set_loss("a", 10, peer="c")
+
+
+def test_disable_offloads(prefix: str) -> None:
+    with line_topology(["a", "b", "c"], prefix) as topo:
+        topo.disable_offloads()
+        for name in ("a", "b", "c"):
+            for link in topo.links_of(name):
+                out = topo.run(name, ["ethtool", "-k", link.ifname], timeout=10).stdout
+                for feature in (
+                    "generic-segmentation-offload",
+                    "tcp-segmentation-offload",
+                    "generic-receive-offload",
+                ):
+                    assert re.search(rf"^{feature}: off", out, re.M), (name, feature, out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ from typing import Any
 
 __all__ = [
     "LOCK_DIR",
+    "LOSS_DIRECTIONS",
     "UNDERLAY",
     "Link",
     "Topology",
@@ -49,6 +51,14 @@ NS_RE = re.compile(r"^(?P<prefix>mp[0-9]+)-(?P<node>[A-Za-z0-9_.-]+)$")
 NODE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 LOCK_DIR = Path("/run/meshpipe-tests")
 MAX_LINKS = 255
+# The nftables table that holds a node's injected loss (see Topology.set_loss).
+LOSS_TABLE = "meshpipe_loss"
+# "out": what the node sends on the link (locally sent or forwarded; postrouting),
+# "in": what it receives there (prerouting).
+LOSS_DIRECTIONS = ("out", "in")
+# Loss is drawn per packet as ``numgen random mod LOSS_SCALE < level``: 0.01 % steps.
+LOSS_SCALE = 10_000
+OFFLOADS = ("gso", "tso", "gro")
 
 # Namespaces owned by live Topology objects of this process, and the prefix locks
 # this process holds (prefix -> (fd, number of live topologies using it)).
@@ -223,6 +233,8 @@ class Topology:
     links: list[Link] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    # (node, ifname, direction) -> loss level out of LOSS_SCALE
+    loss: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def ns(self, name: str) -> str:
         """The namespace name of node ``name``."""
@@ -268,6 +280,122 @@ class Topology:
             kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         return subprocess.run(self.argv(name, argv), timeout=timeout, **kwargs)
+
+    def links_of(self, name: str, peer: str | None = None) -> list[Link]:
+        """The links of node ``name`` (only the one to ``peer`` if given)."""
+        self.ns(name)
+        found = [
+            link
+            for link in self.links
+            if name in (link.left, link.right) and (peer is None or peer in (link.left, link.right))
+        ]
+        if peer is not None and not found:
+            raise KeyError(f"no link between {name!r} and {peer!r}")
+        return found
+
+    # -- kernel loss and offloads -------------------------------------------------------
+
+    def set_loss(
+        self,
+        name: str,
+        percent: float,
+        *,
+        peer: str | None = None,
+        directions: Sequence[str] = LOSS_DIRECTIONS,
+    ) -> None:
+        """Drop ``percent`` % of the packets on node ``name``'s links, at random.
+
+        nftables ``numgen random`` rules in the node's namespace, one per link and
+        direction ("out": sent on the link, "in": received on it); ``peer`` limits it
+        to the link towards that node. 0 removes the rule. Calling again replaces
+        the level. nftables sees a UDP GSO batch (or a TCP TSO/GRO segment) as one
+        packet, so with offloads on one drop takes the whole batch; for per-frame
+        loss call :meth:`disable_offloads` and run the nodes with UDP GSO off.
+        """
+        if not 0.0 <= percent <= 100.0:
+            raise ValueError(f"loss percent must be within 0..100, got {percent!r}")
+        for d in directions:
+            if d not in LOSS_DIRECTIONS:
+                raise ValueError(f"loss direction must be one of {LOSS_DIRECTIONS}, got {d!r}")
+        level = round(percent * LOSS_SCALE / 100)
+        for link in self.links_of(name, peer):
+            for d in directions:
+                key = (name, link.ifname, d)
+                if level:
+                    self.loss[key] = level
+                else:
+                    self.loss.pop(key, None)
+        self._apply_loss(name)
+
+    def clear_loss(self, name: str | None = None) -> None:
+        """Remove all injected loss from node ``name`` (every node if None)."""
+        for node in [name] if name is not None else self.names:
+            self.ns(node)
+            for key in [k for k in self.loss if k[0] == node]:
+                del self.loss[key]
+            self._apply_loss(node)
+
+    def loss_drops(self, name: str) -> dict[tuple[str, str], int]:
+        """Packets dropped so far on node ``name``: (ifname, direction) -> count."""
+        res = self.run(name, ["nft", "-j", "list", "table", "inet", LOSS_TABLE], timeout=10)
+        if res.returncode != 0:
+            return {}
+        drops: dict[tuple[str, str], int] = {}
+        for item in json.loads(res.stdout).get("nftables", []):
+            rule = item.get("rule")
+            if not rule:
+                continue
+            ifname = direction = None
+            packets = 0
+            for expr in rule.get("expr", []):
+                match = expr.get("match")
+                if match is not None:
+                    meta = match.get("left", {}).get("meta", {}).get("key")
+                    if meta in ("oifname", "iifname"):
+                        ifname = str(match.get("right"))
+                        direction = "out" if meta == "oifname" else "in"
+                if "counter" in expr:
+                    packets = int(expr["counter"].get("packets", 0))
+            if ifname is not None and direction is not None:
+                drops[(ifname, direction)] = packets
+        return drops
+
+    def _apply_loss(self, name: str) -> None:
+        """Rewrite node ``name``'s loss table from ``self.loss`` (one atomic nft run)."""
+        rules: dict[str, list[str]] = {d: [] for d in LOSS_DIRECTIONS}
+        for (node, ifname, d), level in sorted(self.loss.items()):
+            if node == name:
+                key = "oifname" if d == "out" else "iifname"
+                draw = f"numgen random mod {LOSS_SCALE} < {level} " if level < LOSS_SCALE else ""
+                rules[d].append(f'{key} "{ifname}" {draw}counter drop')
+        # Creating the table first makes the delete valid when it does not exist yet.
+        script = [f"table inet {LOSS_TABLE} {{}}", f"delete table inet {LOSS_TABLE}"]
+        if any(rules.values()):
+            script.append(f"table inet {LOSS_TABLE} {{")
+            for d, hook in (("out", "postrouting"), ("in", "prerouting")):
+                script.append(f"  chain {d} {{")
+                script.append(f"    type filter hook {hook} priority 0; policy accept;")
+                script.extend(f"    {rule}" for rule in rules[d])
+                script.append("  }")
+            script.append("}")
+        res = self.run(name, ["nft", "-f", "-"], timeout=10, input="\n".join(script) + "\n")
+        if res.returncode != 0:
+            raise RuntimeError(f"nft in {self.ns(name)} failed: {res.stderr.strip()}")
+
+    def disable_offloads(self, name: str | None = None) -> None:
+        """``ethtool -K`` GSO, TSO and GRO off on the veths of ``name`` (every node if None).
+
+        Without them the kernel (and nftables) handles every frame on its own, so
+        loss rules drop single frames instead of whole batches.
+        """
+        for node in [name] if name is not None else self.names:
+            for link in self.links_of(node):
+                argv = ["ethtool", "-K", link.ifname]
+                for feature in OFFLOADS:
+                    argv += [feature, "off"]
+                res = self.run(node, argv, timeout=10)
+                if res.returncode != 0:
+                    raise RuntimeError(f"ethtool in {self.ns(node)} failed: {res.stderr.strip()}")
 
     # -- construction and teardown ----------------------------------------------------
 
