@@ -13,8 +13,6 @@ for hellos and 14 s for route updates (routing's part, not the hop's).
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,45 +43,15 @@ mtu = 1280
 """
 
 
-def set_hop_recovery(lab: Lab, mode: str) -> None:
-    for node in lab.nodes.values():
-        text = re.sub(r'\nhop_recovery = "[a-z]+"', "", node.config.read_text())
-        node.config.write_text(
-            text.replace("discovery = true\n", f'discovery = true\nhop_recovery = "{mode}"\n')
-        )
+PAIRS = [("a", "c"), ("c", "a")]
+SECONDS = 8
 
 
 def set_loss(lab: Lab, percent: float) -> None:
+    """``percent`` loss on every link direction (each sender's outgoing rule)."""
     assert lab.topo is not None
     for name in lab.names:
         lab.topo.set_loss(name, percent, directions=("out",))
-
-
-def restart(lab: Lab) -> None:
-    for name in lab.names:
-        lab.stop(name)
-    lab.start_all()
-    wait_routes(lab)
-
-
-def wait_routes(lab: Lab, timeout: float = 40) -> None:
-    for src, dst in (("a", "c"), ("c", "a")):
-        lab.wait_for(
-            lambda s=src, d=dst: (r := lab.route(s, d)) and r["hops"] == 2,
-            timeout,
-            f"{src}'s route to {dst}",
-        )
-
-
-def counters(lab: Lab, name: str) -> dict[str, int]:
-    st = lab.cli(name, "status")
-    assert st is not None
-    total = dict(st["counters"])
-    for w in st["workers"]:
-        if w.get("role") == "interface":
-            for k, v in w["counters"].items():
-                total[k] = total.get(k, 0) + v
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +62,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert lab.topo is not None
         lab.topo.disable_offloads()
         lab.start_all()
-        wait_routes(lab)
+        lab.wait_routes(PAIRS, hops=2)
         yield lab
 
 
@@ -119,10 +87,10 @@ def test_100_pings_over_two_hops_at_40_percent_loss(lab: Lab) -> None:
     set_loss(lab, 40)
     try:
         time.sleep(8)  # routing settles on the lossy links
-        wait_routes(lab)
-        before = {n: counters(lab, n) for n in ("a", "c")}
+        lab.wait_routes(PAIRS, hops=2)
+        before = {n: lab.counters(n) for n in ("a", "c")}
         res = pings(lab, 100, 0.1)
-        after = {n: counters(lab, n) for n in ("a", "c")}
+        after = {n: lab.counters(n) for n in ("a", "c")}
         route = lab.route("a", "c")
         drops = lab.topo.loss_drops("b") if lab.topo else {}
     finally:
@@ -144,52 +112,20 @@ def test_100_pings_over_two_hops_at_40_percent_loss(lab: Lab) -> None:
     assert sum(drops.values()) > 50  # the loss was real
 
 
-def overlay(lab: Lab, name: str) -> str:
-    ident = lab.cli(name, "id")
-    assert ident is not None
-    return str(ident["ipv6"])
-
-
-def iperf_mbps(lab: Lab, seconds: int = 8) -> float:
-    assert lab.topo is not None
-    dst = overlay(lab, "c")
-    lab.wait_for(
-        lambda: lab.topo is not None
-        and dst in lab.topo.run("c", ["ip", "-6", "addr", "show", "dev", "mesh0"]).stdout,
-        20,
-        "c's TUN device",
-    )
-    server = lab.topo.exec("c", ["iperf3", "-s", "-1", "-B", dst], stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        res = lab.topo.run(
-            "a", ["iperf3", "-c", dst, "-t", str(seconds), "-J"], timeout=seconds + 40
-        )
-        out = json.loads(res.stdout)
-        if res.returncode != 0:  # a flow that never got going: nothing received
-            return 0.0
-        return float(out["end"]["sum_received"]["bits_per_second"]) / 1e6
-    finally:
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
-
-
 @pytest.mark.slow
 def test_iperf3_through_the_tunnel_at_10_percent_loss_on_and_off(lab: Lab) -> None:
     set_loss(lab, 10)
     try:
         time.sleep(3)
-        on = iperf_mbps(lab)
-        c_on = counters(lab, "b")
-        set_hop_recovery(lab, "off")
-        restart(lab)
-        off = iperf_mbps(lab)
+        on = lab.tunnel_iperf3("a", "c", SECONDS)
+        c_on = lab.counters("b")
+        lab.set_interface_key("hop_recovery", '"off"')
+        lab.restart_all()
+        lab.wait_routes(PAIRS, hops=2)
+        off = lab.tunnel_iperf3("a", "c", SECONDS)
     finally:
         set_loss(lab, 0)
-        set_hop_recovery(lab, "auto")
+        lab.set_interface_key("hop_recovery", '"auto"')
     print(
         f"iperf3 a->c through the tunnel, 2 hops, 10% loss per link: "
         f"hop recovery auto {on:.2f} Mbit/s, off {off:.2f} Mbit/s ({on / max(off, 1e-6):.1f}x); "
