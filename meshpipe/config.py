@@ -28,6 +28,8 @@ from typing import Any, Final, TypeVar
 from meshpipe.errors import ConfigError, KeyFileError
 from meshpipe.identity import Identity
 from meshpipe.link.kiss import RADIO_HEADER_LEN
+from meshpipe.link.recovery import MODES as HOP_RECOVERY_MODES
+from meshpipe.link.recovery import OVERHEAD as HOP_RECOVERY_OVERHEAD
 from meshpipe.msp import MspParams
 from meshpipe.node import MIN_MTU as CORE_MIN_MTU
 from meshpipe.services.acl import Acl, AclError
@@ -130,6 +132,16 @@ class InterfaceConfig:
     rate_bps: int = 0  # air rate budget, bit/s
     queue_bytes: int = 0  # send queue limit
     timing: TimingSection | None = None
+    # Per-hop recovery (meshpipe.link.recovery): "auto", "on" or "off". Resolved here:
+    # "auto" becomes "off" where it cannot work (several UDP workers share the port, so
+    # acks may reach another worker; a radio MTU with no room for the header).
+    hop_recovery: str = "auto"
+
+    @property
+    def link_overhead(self) -> int:
+        """Bytes of the MTU the link framing takes before the core's frame."""
+        radio = RADIO_HEADER_LEN if self.kind == "radio" else 0
+        return radio + (0 if self.hop_recovery == "off" else HOP_RECOVERY_OVERHEAD)
 
 
 SERVICE_KINDS: Final = ("tcp",)
@@ -331,6 +343,7 @@ class _Context:
     base_dir: str  # absolute directory relative paths resolve against
     cpu_count: int
     timing: TimingSection = TimingSection()  # [timing], once parsed: interfaces inherit it
+    per_interface: int = 1  # [workers] per_interface, once parsed
 
 
 class _Table:
@@ -505,7 +518,28 @@ def _section_timing(t: _Table, d: TimingSection = TimingSection()) -> TimingSect
 
 _UDP_KEYS = ("listen", "peers", "discovery", "multicast_group")
 _RADIO_KEYS = ("device", "baud", "rate_bps", "queue_bytes")
-_INTERFACE_KEYS = ("name", "kind", *_UDP_KEYS, "mtu", *_RADIO_KEYS, *_TIMING_KEYS)
+_INTERFACE_KEYS = (
+    "name",
+    "kind",
+    *_UDP_KEYS,
+    "mtu",
+    "hop_recovery",
+    *_RADIO_KEYS,
+    *_TIMING_KEYS,
+)
+
+
+def _hop_recovery(t: _Table, kind: str, mtu: int) -> str:
+    mode = t.choice("hop_recovery", HOP_RECOVERY_MODES, "auto")
+    if kind == "udp" and t.ctx.per_interface > 1:
+        reason = "needs [workers] per_interface = 1 (a neighbour's acks reach one worker)"
+    elif kind == "radio" and mtu - HOP_RECOVERY_OVERHEAD < RADIO_MIN_MTU:
+        reason = f"needs mtu >= {RADIO_MIN_MTU + HOP_RECOVERY_OVERHEAD} on a radio"
+    else:
+        return mode
+    if mode == "on":
+        raise t.error("hop_recovery", f'"on" {reason}')
+    return "off"
 
 
 def _interface(t: _Table) -> InterfaceConfig:
@@ -565,6 +599,7 @@ def _interface(t: _Table) -> InterfaceConfig:
         multicast_group=str(group_ip),
         mtu=mtu,
         timing=timing,
+        hop_recovery=_hop_recovery(t, kind, mtu),
     )
 
 
@@ -588,6 +623,7 @@ def _radio_interface(t: _Table, name: str, timing: TimingSection | None) -> Inte
         rate_bps=rate,
         queue_bytes=queue,
         timing=timing,
+        hop_recovery=_hop_recovery(t, "radio", mtu),
     )
 
 
@@ -921,6 +957,8 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
             parsed[name] = section.parse(ctx, name, {})
         if name == "timing":
             ctx = replace(ctx, timing=parsed[name])  # per-interface timers inherit these
+        if name == "workers":
+            ctx = replace(ctx, per_interface=parsed[name].per_interface)
     return Config(
         path=os.path.abspath(path),
         node=parsed["node"],
@@ -1038,6 +1076,10 @@ discovery = {"true" if discovery else "false"}
 multicast_group = "{DEFAULT_MULTICAST_GROUP}"
 # Largest frame to send on this link, in bytes ({MIN_MTU}..{MAX_MTU}).
 mtu = {DEFAULT_MTU}
+# Per-hop recovery of lost DATA frames: "auto" retransmits on this link while the
+# loss it measures pays for it, "on" always, "off" never (and frees the
+# {HOP_RECOVERY_OVERHEAD} bytes of MTU its header takes).
+hop_recovery = "auto"
 {_starter_tunnel(tunnel)}"""
 
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from meshpipe.actions import BROADCAST
 from meshpipe.dataplane import ShardedNode
 from meshpipe.identity import Identity, Sid
+from meshpipe.link.recovery import OVERHEAD, RecoveringNode
 from meshpipe.msp import Msp, MspParams, Stream
-from meshpipe.node import InterfaceParams
+from meshpipe.node import InterfaceParams, Timing
 from meshpipe.session import SessionParams
 from meshpipe.sim import LinkProfile, SimMesh
 from meshpipe.stack import NodeStack
@@ -36,17 +37,21 @@ class Line:
         shards: int = 0,
         tunnel_routes: list[tuple[IPNetwork, bytes]] | None = None,
         session_params: SessionParams | None = None,
+        hop_recovery: str | None = None,
+        timing: Timing | None = None,
     ) -> None:
         """``shards`` > 0: ShardedNodes (sessions in that many crypto shards, as the
-        worker processes run them) instead of plain NodeStacks."""
+        worker processes run them) instead of plain NodeStacks. ``hop_recovery``: put
+        every node behind a :class:`RecoveringNode` in that mode, as the workers do."""
         self.sim = SimMesh(seed=seed)
         self.rng = random.Random(seed)
         self.names = [chr(ord("A") + i) for i in range(n)]
         self.ids = {
             m: Identity.from_seed(f"{seed}-{m}".encode().ljust(32, b".")) for m in self.names
         }
+        core_mtu = mtu if hop_recovery is None else mtu - OVERHEAD
         for m in self.names:
-            ifaces = [InterfaceParams("sim", mtu=mtu, flood_dest=BROADCAST)]
+            ifaces = [InterfaceParams("sim", mtu=core_mtu, flood_dest=BROADCAST, timing=timing)]
             node: NodeStack | ShardedNode
             if shards:
                 node = ShardedNode(
@@ -69,7 +74,11 @@ class Line:
                     random_bytes=self.rng.randbytes,
                     msp_params=msp_params,
                 )
-            self.sim.add_node(m, node)
+            if hop_recovery is None:
+                self.sim.add_node(m, node)
+            else:
+                rec = RecoveringNode(node, [hop_recovery], random.Random(f"{seed}-{m}-hop"))
+                self.sim.add_node(m, rec)
         for a, b in zip(self.names, self.names[1:], strict=False):
             self.sim.connect(a, b, LinkProfile(mtu=mtu))
         self.run_until(
@@ -79,12 +88,25 @@ class Line:
             for a, b in zip(self.names, self.names[1:], strict=False):
                 self.sim.set_profile(a, b, profile)
 
-    def stack(self, name: str) -> NodeStack:
+    def core(self, name: str) -> object:
+        """The node's core (behind its RecoveringNode, if any)."""
         node = self.sim.node(name)
-        return node.stack if isinstance(node, ShardedNode) else self.sim.node_as(name, NodeStack)
+        return node.node if isinstance(node, RecoveringNode) else node
+
+    def recovery(self, name: str) -> RecoveringNode:
+        return self.sim.node_as(name, RecoveringNode)
+
+    def stack(self, name: str) -> NodeStack:
+        node = self.core(name)
+        if isinstance(node, ShardedNode):
+            return node.stack
+        assert isinstance(node, NodeStack)
+        return node
 
     def sharded(self, name: str) -> ShardedNode:
-        return self.sim.node_as(name, ShardedNode)
+        node = self.core(name)
+        assert isinstance(node, ShardedNode)
+        return node
 
     def msp(self, name: str) -> Msp:
         return self.stack(name).msp

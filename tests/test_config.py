@@ -1021,3 +1021,38 @@ def test_limits_section(tmp_path: Path) -> None:
     assert_error(
         tmp_path, MINIMAL + "\n[limits]\nmax_syn_streams = 0\n", "limits.max_syn_streams", "least"
     )
+# -- per-hop recovery -------------------------------------------------------------------------
+
+
+def test_hop_recovery_defaults_to_auto_and_takes_its_header_from_the_mtu(tmp_path: Path) -> None:
+    (u,) = load_config(write(tmp_path, MINIMAL)).interfaces
+    assert u.hop_recovery == "auto" and u.link_overhead == 16
+    for mode, overhead in (("on", 16), ("off", 0)):
+        (u,) = load_config(write(tmp_path, MINIMAL + f'hop_recovery = "{mode}"\n')).interfaces
+        assert (u.hop_recovery, u.link_overhead) == (mode, overhead)
+    (r,) = load_config(write(tmp_path, RADIO)).interfaces
+    assert r.hop_recovery == "auto" and r.link_overhead == 4 + 16
+
+
+def test_hop_recovery_auto_is_off_where_it_cannot_work(tmp_path: Path) -> None:
+    several = "[workers]\nper_interface = 2\n\n" + MINIMAL
+    (u,) = load_config(write(tmp_path, several)).interfaces
+    assert u.hop_recovery == "off"
+    (r,) = load_config(write(tmp_path, RADIO + "mtu = 200\n")).interfaces
+    assert r.hop_recovery == "off"  # 200 - 16 leaves no room above the radio minimum
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (MINIMAL + 'hop_recovery = "yes"\n', "must be one of auto, on, off"),
+        (MINIMAL + "hop_recovery = true\n", "must be a string"),
+        (
+            "[workers]\nper_interface = 2\n\n" + MINIMAL + 'hop_recovery = "on"\n',
+            '"on" needs [workers] per_interface = 1',
+        ),
+        (RADIO + 'mtu = 200\nhop_recovery = "on"\n', '"on" needs mtu >= 212 on a radio'),
+    ],
+)
+def test_hop_recovery_bad_value(tmp_path: Path, text: str, reason: str) -> None:
+    assert_error(tmp_path, text, "interface[0].hop_recovery", reason)

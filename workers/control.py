@@ -590,6 +590,7 @@ class ControlWorker:
                     "rx_queue_dropped": body.get("rx_ring_dropped", 0),
                     "crypto_queue_depth": body.get("crypto_ring_depth", 0),
                     "crypto_queue_dropped": body.get("crypto_ring_dropped", 0),
+                    "hop_links": body.get("hop_links", []),
                 }
             )
         for k, body in sorted(self.crypto_reports.items()):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from meshpipe.actions import BROADCAST, MULTICAST
 from meshpipe.config import Config, TimingSection
-from meshpipe.link.kiss import RADIO_HEADER_LEN
 from meshpipe.node import InterfaceParams, Timing
 
 
@@ -13,11 +12,16 @@ def interface_params(cfg: Config) -> list[InterfaceParams]:
     for i in cfg.interfaces:
         t = None if i.timing is None else section_timing(i.timing)
         if i.kind == "radio":
-            # One transmission reaches every neighbour; the link header rides inside the MTU.
-            p = InterfaceParams(i.name, i.mtu - RADIO_HEADER_LEN, BROADCAST, (), t)
+            # One transmission reaches every neighbour; the link header rides inside the MTU
+            # (and the per-hop recovery header: InterfaceConfig.link_overhead).
+            p = InterfaceParams(i.name, i.mtu - i.link_overhead, BROADCAST, (), t)
         else:
             p = InterfaceParams(
-                i.name, i.mtu, MULTICAST if i.discovery else None, tuple(i.peers), t
+                i.name,
+                i.mtu - i.link_overhead,
+                MULTICAST if i.discovery else None,
+                tuple(i.peers),
+                t,
             )
         out.append(p)
     return out

@@ -10,6 +10,13 @@ discovery go to the control worker over the rx ring.
 
 It sends what every producer puts on its tx rings: the control worker's (``tx``)
 and one per crypto worker (``dtx``).
+
+Per-hop recovery (:mod:`meshpipe.link.recovery`, ``[[interface]] hop_recovery``)
+sits right at the socket: every unicast frame leaving passes ``HopRecovery.send``
+(a DATA frame gets its per-neighbour sequence number and the latest ack), every frame
+arriving passes ``HopRecovery.receive`` (unwrapped, duplicates and acks consumed)
+before anything else looks at it, and after each loop turn ``HopRecovery.poll``
+gives the retransmissions due and one ack per neighbour heard in that turn.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import random
 import selectors
 import socket
 import struct
@@ -28,6 +36,7 @@ from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.dataplane import shard_of
 from meshpipe.errors import RecordError
+from meshpipe.link.recovery import HopRecovery
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
@@ -72,6 +81,8 @@ class InterfaceWorker:
         self.to_crypto = to_crypto or []
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, msg.UdpAddr]] = {}
+        self.hop = HopRecovery(cfg.hop_recovery, self.counters, random.Random())
+        self.now = time.monotonic()  # once per batch: the recovery's clock
         self.log = log.get()
         self.sock = self._open_unicast(reuse_port)
         self.gso = offload and _try_option(self.sock, UDP_SEGMENT, 0)
@@ -138,6 +149,7 @@ class InterfaceWorker:
     # -- receive path ---------------------------------------------------------------
 
     def on_readable(self, sock: socket.socket) -> None:
+        self.now = time.monotonic()
         up: list[bytes] = []
         n = len(self.to_crypto)
         data: list[list[bytes]] = [[] for _ in range(n)]
@@ -162,7 +174,10 @@ class InterfaceWorker:
             if len(frames) > 1:
                 self.counters["rx.gro_reads"] += 1
             src = (addr[0], addr[1])
-            for frame in frames:
+            for link_frame in frames:
+                frame = self.hop.receive(src, link_frame, self.now)
+                if frame is None:
+                    continue  # an ack, a duplicate, or a damaged link frame (counted)
                 if self._forward_transit(frame):
                     continue
                 rec = msg.frame_in(self.iface, src, frame)
@@ -194,7 +209,9 @@ class InterfaceWorker:
         if hop_limit <= 1:
             self.counters["drop.hop_limit"] += 1
             return True
-        self._sendto(wire.with_hop_limit(frame, hop_limit - 1), hop[1])
+        self._sendto(
+            self.hop.send(hop[1], wire.with_hop_limit(frame, hop_limit - 1), self.now), hop[1]
+        )
         self.counters["transit.forwarded"] += 1
         return True
 
@@ -212,6 +229,7 @@ class InterfaceWorker:
 
     def on_tx_ring(self, ring: Ring) -> None:
         """Send a ring's records; runs of frames to one peer go out with UDP GSO."""
+        self.now = time.monotonic()
         for batch in ring.drain():
             run: list[bytes] = []
             run_addr: msg.UdpAddr | None = None
@@ -227,6 +245,7 @@ class InterfaceWorker:
                 except RecordError:
                     self.counters["drop.bad_record"] += 1
                     continue
+                frame = self.hop.send(addr, frame, self.now)  # same header size: runs stay equal
                 # One GSO send: one peer, equal sizes (only the last may be shorter).
                 if run and (
                     addr != run_addr
@@ -271,7 +290,7 @@ class InterfaceWorker:
         try:
             if tag == msg.REC_SEND:
                 addr, frame = msg.parse_send(rec)
-                self._sendto(frame, addr)
+                self._sendto(self.hop.send(addr, frame, self.now), addr)
             elif tag == msg.REC_MULTICAST:
                 if self.group is not None:
                     self._sendto(rec[1:], self.group)
@@ -293,6 +312,12 @@ class InterfaceWorker:
             self.counters["drop.bad_record"] += 1
             self.log.error("interface.bad_record", tag=tag, error=repr(exc))
 
+    def poll_hop(self) -> None:
+        """Retransmissions due and the acks this turn owes (one frame per neighbour)."""
+        self.now = time.monotonic()
+        for addr, frame in self.hop.poll(self.now):
+            self._sendto(frame, addr)  # type: ignore[arg-type]
+
     def report_counters(self) -> None:
         body = {
             "iface": self.iface,
@@ -302,6 +327,7 @@ class InterfaceWorker:
             "rx_ring_dropped": self.rx.dropped_full,
             "crypto_ring_depth": sum(r.depth() for r in self.to_crypto),
             "crypto_ring_dropped": sum(r.dropped_full for r in self.to_crypto),
+            "hop_links": self.hop.info(),
         }
         self.rx.put(msg.packed(msg.REC_COUNTERS, body))
 
@@ -321,12 +347,14 @@ class InterfaceWorker:
         next_report = time.monotonic() + COUNTER_PERIOD
         stop = StopFlag()
         while not stop:
-            timeout = max(0.0, next_report - time.monotonic())
+            wake = min(next_report, self.hop.next_deadline())
+            timeout = max(0.0, wake - time.monotonic())
             for key, _ in sel.select(timeout):
                 if isinstance(key.data, Ring):
                     self.on_tx_ring(key.data)
                 else:
                     self.on_readable(key.fileobj)  # type: ignore[arg-type]
+            self.poll_hop()
             if time.monotonic() >= next_report:
                 self.report_counters()
                 next_report = time.monotonic() + COUNTER_PERIOD

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,73 @@ class Lab:
             self.start(name, wait=False)
         for name in self.names:
             self.wait_for(self._answers(name), 20, f"{name} to start")
+
+    def restart_all(self) -> None:
+        """Stop every node and start them again (to pick up a changed config)."""
+        for name in self.names:
+            self.stop(name)
+        self.start_all()
+
+    def set_interface_key(self, key: str, toml_value: str) -> None:
+        """Set ``key = toml_value`` in every [[interface]] of every node's config
+        (replacing an earlier value); takes effect when the nodes (re)start."""
+        for node in self.nodes.values():
+            text = re.sub(rf"\n{re.escape(key)} = [^\n]*", "", node.config.read_text())
+            node.config.write_text(
+                text.replace('kind = "udp"\n', f'kind = "udp"\n{key} = {toml_value}\n')
+            )
+
+    def wait_routes(self, pairs: list[tuple[str, str]], hops: int, timeout: float = 40) -> None:
+        """Wait until each (src, dst) has a route of ``hops`` hops."""
+        for src, dst in pairs:
+
+            def ready(s: str = src, d: str = dst) -> bool:
+                r = self.route(s, d)
+                return r is not None and r["hops"] == hops
+
+            self.wait_for(ready, timeout, f"{src}'s route to {dst}")
+
+    def counters(self, name: str) -> dict[str, int]:
+        """The node's counters, with those of its interface workers added in."""
+        st = self.cli(name, "status")
+        if st is None:
+            raise RuntimeError(f"{name} does not answer status")
+        total = dict(st["counters"])
+        for w in st["workers"]:
+            if w.get("role") == "interface":
+                for k, v in w["counters"].items():
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def tunnel_iperf3(self, src: str, dst: str, seconds: int) -> float:
+        """Mbit/s of iperf3 TCP from ``src`` to ``dst``'s overlay address (namespaces,
+        [tunnel] on in both); 0.0 for a flow that never got going."""
+        topo = self.topo
+        assert topo is not None
+        ident = self.cli(dst, "id")
+        assert ident is not None
+        addr = str(ident["ipv6"])
+        self.wait_for(
+            lambda: addr in topo.run(dst, ["ip", "-6", "addr", "show", "dev", "mesh0"]).stdout,
+            20,
+            f"{dst}'s TUN device",
+        )
+        server = topo.exec(dst, ["iperf3", "-s", "-1", "-B", addr], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            res = topo.run(
+                src, ["iperf3", "-c", addr, "-t", str(seconds), "-J"], timeout=seconds + 40
+            )
+            if res.returncode != 0:
+                return 0.0
+            out = json.loads(res.stdout)
+            return float(out["end"]["sum_received"]["bits_per_second"]) / 1e6
+        finally:
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(5)
 
     def _answers(self, name: str) -> Callable[[], bool]:
         return lambda: self.cli(name, "id") is not None

@@ -18,6 +18,11 @@ Ring records of its own (the UDP records carry IP addresses): ``REC_RADIO_IN``
 (u8 iface, u16 source address, frame) up, ``REC_RADIO_SEND`` (u16 destination,
 frame; 0xFFFF = broadcast) down.
 
+Per-hop recovery (``hop_recovery``, :mod:`meshpipe.link.recovery`) wraps unicast
+DATA frames and unwraps what arrives, as the UDP worker does, with bounds for a slow
+link (:data:`RADIO_RECOVERY`): acks queue as small frames, a retransmission in the
+class of the frame it repeats.
+
 Counters: ``rx.frames``, ``rx.bytes``, ``rx.not_for_us`` (unicast for another
 node), ``rx.addr_conflict`` (a frame claiming our own address), ``rx.malformed``,
 ``tx.frames``, ``tx.bytes`` (on the line, after KISS), ``transit.forwarded``,
@@ -32,6 +37,7 @@ import argparse
 import errno
 import json
 import os
+import random
 import selectors
 import struct
 import sys
@@ -44,6 +50,7 @@ from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.errors import FrameError, RecordError
 from meshpipe.link import kiss
+from meshpipe.link.recovery import F_DATA, OVERHEAD, HopRecovery, RecoveryParams
 from meshpipe_workers import messages as msg
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
@@ -59,6 +66,17 @@ SMALL_FRAME = 128  # DATA frames up to this size (acks, pings) jump ahead of bul
 PRIO_CONTROL, PRIO_SMALL, PRIO_BULK = 0, 1, 2
 PRIO_NAMES = ("control", "small", "bulk")
 _DATA_BYTE = (wire.WIRE_VERSION << 4) | wire.KIND_DATA
+# A radio's ack RTT is air time plus its send queue (up to seconds), and MSP's RTO on
+# such a path is at least as long: fewer, later tries, a small buffer.
+RADIO_RECOVERY = RecoveryParams(
+    max_frames=32,
+    max_bytes=16 * 1024,
+    max_tries=4,
+    max_age=1.5,
+    initial_rto=0.5,
+    min_rto=0.1,
+    max_rto=2.0,
+)
 
 
 # -- ring records ------------------------------------------------------------------------
@@ -213,6 +231,7 @@ class RadioWorker:
         self.log = log.get()
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, int]] = {}
+        self.hop = HopRecovery(cfg.hop_recovery, self.counters, random.Random(), RADIO_RECOVERY)
         self.decoder = kiss.KissDecoder(cfg.mtu)
         self.queue = SendQueue(cfg.queue_bytes, self.counters)
         # One worst-case frame of burst: never more than one frame ahead of the air.
@@ -259,8 +278,9 @@ class RadioWorker:
             return
         self.counters["rx.frames"] += 1
         self.counters["rx.bytes"] += len(raw)
-        if not self._forward_transit(frame):
-            up.append(radio_in(self.iface, src, frame))
+        inner = self.hop.receive(src, frame, time.monotonic())
+        if inner is not None and not self._forward_transit(inner):
+            up.append(radio_in(self.iface, src, inner))
 
     def _forward_transit(self, frame: bytes) -> bool:
         """Relay a DATA frame for another node back onto this radio by table lookup."""
@@ -282,11 +302,25 @@ class RadioWorker:
     # -- transmit ---------------------------------------------------------------------
 
     def enqueue(self, dst: int, frame: bytes) -> None:
+        prio = priority(frame)  # of the mesh frame, before the recovery header
+        if dst != kiss.RADIO_BROADCAST:
+            frame = self.hop.send(dst, frame, time.monotonic())
+        self._queue(dst, frame, prio)
+
+    def _queue(self, dst: int, frame: bytes, prio: int) -> None:
         if len(frame) + kiss.RADIO_HEADER_LEN > self.cfg.mtu:
             self.counters["drop.too_big"] += 1
             return
         data = kiss.encode(kiss.encode_radio(dst, self.addr, frame))
-        self.queue.push(data, priority(frame))
+        self.queue.push(data, prio)
+
+    def poll_hop(self) -> float:
+        """Queue the retransmissions due and the acks owed; seconds until the next."""
+        now = time.monotonic()
+        for dst, frame in self.hop.poll(now):
+            prio = priority(frame[OVERHEAD:]) if frame[1] & F_DATA else PRIO_SMALL
+            self._queue(dst, frame, prio)  # type: ignore[arg-type]
+        return self.hop.next_deadline() - now
 
     def pump(self) -> float:
         """Write what the bucket allows; return seconds until it may write again."""
@@ -378,8 +412,9 @@ class RadioWorker:
         stop = StopFlag()
         next_report = time.monotonic() + COUNTER_PERIOD
         while not stop:
+            hop_wait = self.poll_hop()
             wait = self.pump()
-            timeout = max(0.0, min(wait, next_report - time.monotonic()))
+            timeout = max(0.0, min(wait, hop_wait, next_report - time.monotonic()))
             for key, _ in self.sel.select(timeout):
                 if isinstance(key.data, Ring):
                     self.on_tx_ring(key.data)
