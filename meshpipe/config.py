@@ -199,6 +199,13 @@ class DiscoverySection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint (workers/metrics.py); off without ``listen``."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str  # absolute path of the file this was loaded from
     node: NodeSection
@@ -209,6 +216,7 @@ class Config:
     exit: ExitSection = ExitSection()
     discovery: DiscoverySection = DiscoverySection()
     tunnel: TunnelSection = TunnelSection()
+    metrics: MetricsSection = MetricsSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -775,6 +783,17 @@ def _section_discovery(t: _Table) -> DiscoverySection:
     return DiscoverySection(lifetime=lifetime, refresh=refresh)
 
 
+def _section_metrics(t: _Table) -> MetricsSection:
+    if "listen" not in t.data:
+        return MetricsSection()
+    host, port = t.hostport("listen")
+    if _ip(host).is_unspecified:
+        # A wildcard would publish the node's figures on every interface, the mesh's
+        # underlay included; name the address to serve on.
+        raise t.error("listen", f"{host} listens everywhere; give one address (e.g. 127.0.0.1)")
+    return MetricsSection(listen=(host, port))
+
+
 def _table_section(
     keys: Sequence[str], fn: Callable[[_Table], T]
 ) -> Callable[[_Context, str, object], T]:
@@ -824,6 +843,7 @@ _SECTIONS: Final[dict[str, _Section]] = {
         ),
         False,
     ),
+    "metrics": _Section(_table_section(("listen",), _section_metrics), False),
 }
 
 
@@ -869,6 +889,7 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
         exit=parsed["exit"],
         discovery=parsed["discovery"],
         tunnel=parsed["tunnel"],
+        metrics=parsed["metrics"],
     )
 
 

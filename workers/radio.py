@@ -45,6 +45,7 @@ from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.errors import FrameError
 from meshpipe.link import kiss
 from meshpipe_workers import messages as msg
+from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
 
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     icfg = cfg.interfaces[a.iface]
     sid = bytes.fromhex(a.sid)
     log.configure(node=sid.hex()[:8], role=f"radio:{icfg.name}", level=cfg.node.log_level)
+    follow_log_level(a.config)
     rings = json.loads(a.rings)
     rx = Ring.attach(RingSpec.from_json(rings["rx"]))
     tx = Ring.attach(RingSpec.from_json(rings["tx"]))
