@@ -15,7 +15,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from meshpipe_workers.metrics import families, read_memory, role_labels
+from meshpipe_workers.metrics import PSS_MAX_AGE, MemoryReader, families, role_labels
 
 PEER = "ab" * 32
 
@@ -150,6 +150,16 @@ def test_role_labels_and_memory() -> None:
     assert role_labels("radio:r0") == ["radio", "0", "r0"]
     assert role_labels("crypto:3") == ["crypto", "3", ""]
     assert role_labels("control") == ["control", "0", ""]
-    mem = read_memory(os.getpid())
-    assert mem is not None and mem[0] > 1 << 20 and 0 < mem[1] <= mem[0]
-    assert read_memory(2**22 + 12345) is None
+    now = [0.0]
+    reader = MemoryReader(lambda: now[0])
+    mem = reader(os.getpid())
+    assert mem is not None and mem[0] > 1 << 20 and 0 < mem[1] <= mem[0] * 1.01
+    assert reader(os.getpid())[1] == mem[1]  # type: ignore[index]  # PSS cached
+    now[0] = PSS_MAX_AGE
+    big = bytearray(16 << 20)  # touched: 16 MiB more of both
+    big[::4096] = b"x" * len(big[::4096])
+    later = reader(os.getpid())
+    assert later is not None and later[1] > mem[1] + (8 << 20)
+    assert reader(2**22 + 12345) is None
+    reader.forget_except(set())
+    assert reader.pss == {}
