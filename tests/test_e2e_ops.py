@@ -35,6 +35,7 @@ import pytest
 from meshpipe_workers.control_client import request
 from meshpipe_workers.labnet import Lab
 from tests.netns import require_root
+from tests.test_e2e_msp import _listen as listen_on_d
 
 pytestmark = pytest.mark.netns
 
@@ -190,20 +191,7 @@ def test_reload_adds_a_service_during_a_transfer_and_refuses_a_broken_file(
     d = lab.nodes["d"]
     src, dst = tmp_path / "src.bin", tmp_path / "dst.bin"
     src.write_bytes(os.urandom(20 * 1000 * 1000))
-    listener = lab.popen(
-        "d",
-        "msp",
-        "listen",
-        "5000",
-        stdin=subprocess.DEVNULL,
-        stdout=dst.open("wb"),
-        stderr=subprocess.PIPE,
-    )
-    lab.wait_for(
-        lambda: any(s["port"] == 5000 for s in lab.cli("d", "status")["listening"]),
-        10,
-        "the listener",
-    )
+    listener = listen_on_d(lab, 5000, dst)
     good = d.config.read_text()
     pids_before = worker_pids(lab, "d")
     _tbf(lab, True)
