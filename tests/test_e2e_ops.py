@@ -66,10 +66,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         timing=TIMING,
         node_config={"a": metrics},
     ) as lab:
-        for name in lab.names:
-            lab.start(name, wait=False)
-        for name in lab.names:  # generous: on a loaded machine 32 processes start slowly
-            lab.wait_for(lambda n=name: lab.cli(n, "id"), START_BOUND, f"{name} to start")
+        lab.start_all(timeout=START_BOUND)  # generous: a loaded machine starts them slowly
         lab.wait_for(lambda: (r := lab.route("a", "d")) and r["hops"] == 3, 40, "a's route to d")
         yield lab
 
