@@ -86,6 +86,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Supervisor(cfg, _config_path(args), identity).run()
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """The node re-reads its config file; a file that does not validate is refused."""
+    from meshpipe_workers.control_client import request
+    from meshpipe_workers.reload import control_socket_of
+
+    d = request(control_socket_of(_config_path(args)), "reload")
+
+    def human(d: dict[str, Any]) -> None:
+        print(f"reloading {d['file']}: {', '.join(d['live']) or 'no live changes'}")
+        if d["restart_needed"]:
+            print(f"needs a restart to change: {', '.join(d['restart_needed'])}")
+
+    _emit(args, d, human)
+    return 0
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     _emit(args, _ask(args, "id"), lambda d: print(f"sid:  {d['sid']}\nipv6: {d['ipv6']}"))
     return 0
@@ -424,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = node_cmd("run", cmd_run, "run the node (supervisor and workers) in the foreground")
     node_cmd("status", cmd_status, "node summary, workers and counters")
+    node_cmd("reload", cmd_reload, "re-read the config file and apply what changed (or refuse it)")
     node_cmd("peers", cmd_peers, "neighbours with link quality")
     node_cmd("routes", cmd_routes, "selected routes")
     node_cmd("id", cmd_id, "this node's SID and overlay IPv6 address")

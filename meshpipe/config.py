@@ -246,6 +246,13 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint (workers/metrics.py); off without ``listen``."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str  # absolute path of the file this was loaded from
     node: NodeSection
@@ -257,6 +264,7 @@ class Config:
     discovery: DiscoverySection = DiscoverySection()
     tunnel: TunnelSection = TunnelSection()
     limits: LimitsSection = LimitsSection()
+    metrics: MetricsSection = MetricsSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -872,6 +880,17 @@ def _section_limits(t: _Table) -> LimitsSection:
     return LimitsSection(**v)
 
 
+def _section_metrics(t: _Table) -> MetricsSection:
+    if "listen" not in t.data:
+        return MetricsSection()
+    host, port = t.hostport("listen")
+    if _ip(host).is_unspecified:
+        # A wildcard would publish the node's figures on every interface, the mesh's
+        # underlay included; name the address to serve on.
+        raise t.error("listen", f"{host} listens everywhere; give one address (e.g. 127.0.0.1)")
+    return MetricsSection(listen=(host, port))
+
+
 def _table_section(
     keys: Sequence[str], fn: Callable[[_Table], T]
 ) -> Callable[[_Context, str, object], T]:
@@ -922,6 +941,7 @@ _SECTIONS: Final[dict[str, _Section]] = {
         False,
     ),
     "limits": _Section(_table_section(_LIMIT_KEYS, _section_limits), False),
+    "metrics": _Section(_table_section(("listen",), _section_metrics), False),
 }
 
 
@@ -970,6 +990,7 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
         discovery=parsed["discovery"],
         tunnel=parsed["tunnel"],
         limits=parsed["limits"],
+        metrics=parsed["metrics"],
     )
 
 

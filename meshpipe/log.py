@@ -20,9 +20,7 @@ def configure(node: str = "", role: str = "", level: str = "info", stream: Any =
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        wrapper_class=_filtering(level),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
@@ -33,6 +31,17 @@ def configure(node: str = "", role: str = "", level: str = "info", stream: Any =
     if role:
         ctx["role"] = role
     structlog.contextvars.bind_contextvars(**ctx)
+
+
+def _filtering(level: str) -> Any:
+    return structlog.make_filtering_bound_logger(
+        logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    )
+
+
+def set_level(level: str) -> None:
+    """Change the level of a configured process (a reload); the rest stays."""
+    structlog.configure(wrapper_class=_filtering(level))
 
 
 def get(name: str = "meshpipe") -> Any:

@@ -340,6 +340,12 @@ class NodeCore:
         """Route a DATA frame from this node to ``dst``; [] (and data.no_route) if no route."""
         return self.fwd.send_data(dst, payload, hop_limit)
 
+    def farewell(self) -> list[Action]:
+        """Link-wide frames retracting every route this node announces (shutdown)."""
+        out: list[Action] = []
+        self._emit_routing([Outgoing(None, self.router.farewell())], out)
+        return out
+
     def neighbours(self) -> list[NeighbourInfo]:
         return [
             NeighbourInfo(

@@ -337,6 +337,7 @@ class Router:
 
         self.seqno = 0
         self._own_sig: tuple[int, bytes] | None = None
+        self.leaving = False  # set by farewell(): shutting down, retract everything
         self.entries: dict[bytes, dict[NeighbourKey, RouteEntry]] = {}
         # Ordered sets (dicts) throughout: iteration order must not depend on the
         # per-process hash seed, or a simulation would not replay from its seed.
@@ -672,6 +673,8 @@ class Router:
     def _on_request(self, key: NeighbourKey, link: Neighbour, r: SeqnoRequest, now: float) -> None:
         self.counters["request.rx"] += 1
         origin = bytes(r.origin)
+        if self.leaving:
+            return
         if origin == self.sid:
             if seqno_newer(r.seqno, self.seqno):
                 if now < self._bump_ok_at:
@@ -748,6 +751,8 @@ class Router:
 
     def _advertise(self, origin: bytes, now: float) -> Update | None:
         """The update we would send for ``origin`` now, updating its FD (RFC 8966 3.7.3)."""
+        if self.leaving:
+            return next((u for u in self.farewell() if u.origin == origin), None)
         if origin == self.sid:
             return self.own_update()
         sel = self.selected.get(origin)
@@ -768,11 +773,26 @@ class Router:
         return None
 
     def _dump_updates(self, now: float) -> list[Update]:
+        if self.leaving:
+            return self.farewell()
         out: list[Update] = [self.own_update()]
         for origin in [*self.selected, *self.retracting]:
             u = self._advertise(origin, now)
             if u is not None:
                 out.append(u)
+        return out
+
+    def farewell(self) -> list[Update]:
+        """Retractions (metric INFINITY) of our own route and of every route we
+        advertise, for a node that is shutting down: neighbours drop the routes at
+        once instead of when they expire, and their triggered retractions carry that
+        on. From now on this router only retracts and answers no seqno request, so
+        it cannot bring its own route back while it is going."""
+        self.leaving = True
+        own = self.own_update()
+        out = [Update(own.origin, own.seqno, INFINITY, 0, own.sig)]
+        for origin, sel in self.selected.items():
+            out.append(Update(origin, sel.seqno, INFINITY, 0, sel.sig))
         return out
 
     def flush(self, now: float) -> list[Outgoing]:

@@ -328,6 +328,14 @@ class NodeStack:
         self._now = now
         return self._discovery_outs(self.discovery.withdraw(name, now))
 
+    def farewell(self, now: float) -> list[Action]:
+        """A node shutting down: withdraw every local service, retract every route."""
+        self._now = now
+        outs: list[DiscoveryOut] = []
+        for name in list(self.discovery.local):
+            outs.extend(self.discovery.withdraw(name, now))
+        return [*self._discovery_outs(outs), *self.core.farewell()]
+
     def query_services(
         self, now: float, name: str | None = None, scope: int | None = None
     ) -> list[Action]:

@@ -338,10 +338,11 @@ def test_forged_announcement_is_dropped(net50: Net) -> None:
                 assert r.seqno != seqno
 
 
-def test_line_retract_and_restart() -> None:
-    mesh = SimMesh(5)
+def line_net(seed: int, first_key: int) -> Net:
+    """A-B-C-D with 10 ms links, keys from seeds first_key, first_key + 1, ..."""
+    mesh = SimMesh(seed)
     names = ["a", "b", "c", "d"]
-    ids = {n: Identity.from_seed(bytes([i + 1]) * 32) for i, n in enumerate(names)}
+    ids = {n: Identity.from_seed(bytes([i + first_key]) * 32) for i, n in enumerate(names)}
     for i, n in enumerate(names):
         mesh.add_node(n, make_core(ids[n], n, 0.0, i))
     for x, y in itertools.pairwise(names):
@@ -350,6 +351,12 @@ def test_line_retract_and_restart() -> None:
         mesh, names, ids, set(itertools.pairwise(names)), {bytes(i.sid): n for n, i in ids.items()}
     )
     mesh.add_listener(net._listen)
+    return net
+
+
+def test_line_retract_and_restart() -> None:
+    net = line_net(5, 1)
+    mesh, ids = net.mesh, net.ids
     a = net.core("a")
     d_sid = bytes(ids["d"].sid)
 
@@ -561,3 +568,28 @@ def test_triangle_stays_off_the_lossy_link(seed: int) -> None:
     assert bad == []
     assert net.loops == []
     assert a.counters["drop.internal_error"] == 0
+
+
+FAREWELL_BOUND = 0.5  # a clean shutdown: triggered retractions only, no timer waits
+
+
+def test_farewell_retracts_at_once() -> None:
+    """A node that says goodbye (NodeCore.farewell) before it stops is gone from every
+    route at once, well before any neighbour times it out; routes through it switch."""
+    net = line_net(6, 11)
+    mesh = net.mesh
+    net.run_until_ok(net.all_correct, CONVERGE_BOUND)
+    d_sid, c_sid = net.sid("d"), net.sid("c")
+
+    def routes_to(dst: bytes) -> list[str]:
+        return [n for n in net.alive() if any(bytes(r.sid) == dst for r in net.core(n).routes())]
+
+    sent = mesh.call("d", lambda node, _now: node.farewell())
+    assert sent and all(getattr(f, "frame", b"")[:1] for f in sent)
+    net.run(0.05)  # the frames are on the link when the process exits
+    mesh.stop_node("d")
+    took = net.run_until_ok(lambda: routes_to(d_sid) == [], FAREWELL_BOUND)
+    assert took <= FAREWELL_BOUND < TIMING.neighbour_timeout
+    # D also retracted its routes to the others; C still reaches them directly.
+    assert routes_to(c_sid) == ["a", "b"]
+    assert net.loops == []

@@ -48,10 +48,12 @@ def _meshpipe_script(tmp_path: Path) -> Path:
 def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     analyze = _systemd_analyze()
     text = UNIT.read_text()
-    assert f"ExecStart={INSTALLED_EXEC} " in text
+    assert f"ExecStart={INSTALLED_EXEC} " in text and f"ExecReload={INSTALLED_EXEC} " in text
     script = _meshpipe_script(tmp_path)
     unit = tmp_path / "meshpipe.service"
-    unit.write_text(text.replace(f"ExecStart={INSTALLED_EXEC} ", f"ExecStart={script} ", 1))
+    for key in ("ExecStart", "ExecReload"):
+        text = text.replace(f"{key}={INSTALLED_EXEC} ", f"{key}={script} ", 1)
+    unit.write_text(text)
 
     # User=meshpipe is left as is: `systemd-analyze verify` does not resolve users
     # (the meshpipe user does not exist on a test machine and nothing is created
@@ -103,6 +105,9 @@ def test_unit_has_required_settings() -> None:
         "PrivateDevices": "no",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
         "UMask": "0077",
+        "ExecReload": f"{INSTALLED_EXEC} reload -c /etc/meshpipe/meshpipe.toml",
+        "KillMode": "mixed",
+        "TimeoutStopSec": "15",
     }
     for key, value in expected.items():
         assert settings.get(key) == value, key

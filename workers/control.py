@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -36,7 +37,7 @@ from meshpipe.msp import Stream
 from meshpipe.services.discovery import DiscoveryTiming
 from meshpipe.stack import NodeStack, PingReply
 from meshpipe_workers import messages as msg
-from meshpipe_workers import radio
+from meshpipe_workers import metrics, radio, reload
 from meshpipe_workers.coreparams import interface_params, timing
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
@@ -47,6 +48,8 @@ from meshpipe_workers.tun import tunnel_status
 from meshpipe_workers.txrings import FrameSender, flush_batches
 
 STATS_PERIOD = 30.0
+FAREWELL_REPEAT = 2  # goodbye frames go out twice: a lost one would cost the timeout
+FAREWELL_DRAIN = 0.5  # at most this long for the interface workers to send them
 MIRROR_PERIOD = 1.0
 MAX_REQUEST = 64 * 1024
 
@@ -282,6 +285,8 @@ class ControlWorker:
         self.services = Services(
             self.core, self.hub, self.sel, cfg, self.execute, time.monotonic, self.known_sids
         )
+        self.reloader = reload.control_reloader(self)  # workers/reload.py: register sections
+        self.reload_wanted = False
 
     def _listen(self, ring: Ring) -> None:
         self.rx.append(ring)
@@ -409,6 +414,10 @@ class ControlWorker:
             "sessions": self.api_sessions,
             "streams": self.api_streams,
         }.get(cmd)
+        if cmd == "metrics":
+            return metrics.snapshot(self)
+        if cmd == "reload":
+            return self.api_reload()
         if cmd == "ping":
             return self.api_ping(req)
         if cmd == "msp.connect":
@@ -420,6 +429,44 @@ class ControlWorker:
         if handler is None:
             raise MeshpipeError(f"unknown command {cmd!r}")
         return handler()
+
+    # -- reload and shutdown (workers/reload.py) ------------------------------------------
+
+    def api_reload(self) -> dict[str, Any]:
+        """Validate the file (a bad one is refused: ConfigError), then ask the
+        supervisor to reload; it passes SIGHUP back to us and the other workers."""
+        new = reload.load_for_reload(self.cfg.path)
+        live, restart = self.reloader.plan(self.cfg, new)
+        reload.signal_supervisor(self.supervisor_state.get("pid"))
+        return {"file": self.cfg.path, "live": live, "restart_needed": restart}
+
+    def apply_reload(self) -> None:
+        try:
+            new = reload.load_for_reload(self.cfg.path)
+        except MeshpipeError:
+            return
+        out = self.reloader.apply(self.cfg, new)
+        self.cfg = out.config
+        self.services.cfg = out.config
+        self.log.info(
+            "config.reloaded",
+            applied=out.applied,
+            restart_needed=out.restart_needed,
+            failed=out.failed,
+        )
+
+    def farewell(self) -> None:
+        """Retract our routes and withdraw our services before we exit, so the
+        neighbours converge at once instead of when their timers run out."""
+        actions = self.core.farewell(time.monotonic())
+        for _ in range(FAREWELL_REPEAT):
+            self.execute(actions)
+            time.sleep(0.02)
+        deadline = time.monotonic() + FAREWELL_DRAIN
+        rings = [r for rs in self.tx.values() for r in rs]
+        while time.monotonic() < deadline and any(r.depth() for r in rings):
+            time.sleep(0.01)
+        self.log.info("control.farewell", frames=sum(isinstance(a, SendFrame) for a in actions))
 
     def known_sids(self) -> set[bytes]:
         known = {bytes(r.sid) for r in self.core.routes()}
@@ -639,6 +686,7 @@ class ControlWorker:
 
     def run(self) -> None:
         stop = StopFlag()
+        signal.signal(signal.SIGHUP, lambda _s, _f: setattr(self, "reload_wanted", True))
         self.log.info("control.start", control_socket=self.cfg.node.control_socket)
         next_stats = time.monotonic() + STATS_PERIOD
         next_mirror = time.monotonic() + MIRROR_PERIOD
@@ -657,6 +705,9 @@ class ControlWorker:
                 wake = min(wake, now + 0.05)  # replies and timeouts are checked on wake-ups
             for key, _ in self.sel.select(max(0.0, min(wake - now, 1.0))):
                 key.data()
+            if self.reload_wanted:
+                self.reload_wanted = False
+                self.apply_reload()
             now = time.monotonic()
             if now >= self.core.next_deadline():
                 self.execute(self.core.on_timer(now))
@@ -672,6 +723,7 @@ class ControlWorker:
             if now >= next_stats:
                 self.stats()
                 next_stats = now + STATS_PERIOD
+        self.farewell()
         self.services.close()
         self.server.close()
         self.log.info("control.stop")

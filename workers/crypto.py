@@ -52,6 +52,7 @@ from meshpipe.offload import join_message
 from meshpipe.tunnel import ToPeer, ToTun
 from meshpipe_workers import messages as msg
 from meshpipe_workers.coreparams import interface_params
+from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
 from meshpipe_workers.tun import TunError, TunQueue, open_queue
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config)
     identity = Identity.load(cfg.node.key)
     log.configure(node=identity.sid.short, role=f"crypto:{a.index}", level=cfg.node.log_level)
+    follow_log_level(a.config)
     CryptoWorker(cfg, identity, a.index, a.count, json.loads(a.rings)).run()
     return 0
 

@@ -38,6 +38,7 @@ from meshpipe.dataplane import shard_of
 from meshpipe.errors import RecordError
 from meshpipe.link.recovery import HopRecovery
 from meshpipe_workers import messages as msg
+from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
 
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(
         node=sid.hex()[:8], role=f"interface:{icfg.name}:{a.worker}", level=cfg.node.log_level
     )
+    follow_log_level(a.config)
     rings = json.loads(a.rings)
     rx = Ring.attach(RingSpec.from_json(rings["rx"]))
     tx = Ring.attach(RingSpec.from_json(rings["tx"]))

@@ -193,11 +193,11 @@ class Lab:
         if wait:
             self.wait_for(lambda: self.cli(name, "id") is not None, 20, f"{name} to start")
 
-    def start_all(self) -> None:
+    def start_all(self, timeout: float = 20) -> None:
         for name in self.names:
             self.start(name, wait=False)
         for name in self.names:
-            self.wait_for(self._answers(name), 20, f"{name} to start")
+            self.wait_for(self._answers(name), timeout, f"{name} to start")
 
     def restart_all(self) -> None:
         """Stop every node and start them again (to pick up a changed config)."""

@@ -52,6 +52,7 @@ from meshpipe.errors import FrameError, RecordError
 from meshpipe.link import kiss
 from meshpipe.link.recovery import F_DATA, OVERHEAD, HopRecovery, RecoveryParams
 from meshpipe_workers import messages as msg
+from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
 
@@ -438,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     icfg = cfg.interfaces[a.iface]
     sid = bytes.fromhex(a.sid)
     log.configure(node=sid.hex()[:8], role=f"radio:{icfg.name}", level=cfg.node.log_level)
+    follow_log_level(a.config)
     rings = json.loads(a.rings)
     rx = Ring.attach(RingSpec.from_json(rings["rx"]))
     tx = Ring.attach(RingSpec.from_json(rings["tx"]))

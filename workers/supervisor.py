@@ -16,19 +16,24 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshpipe import log
 from meshpipe.config import Config
+from meshpipe.errors import ConfigError
 from meshpipe.identity import Identity
 from meshpipe_workers import messages as msg
-from meshpipe_workers import sdnotify
+from meshpipe_workers import reload, sdnotify
 from meshpipe_workers.ring import Ring
 
 RING_BYTES = 4 << 20
 RESTART_BACKOFF_MAX = 10.0
 POLL = 0.2
+# On SIGTERM the control worker goes first and says goodbye (route retractions,
+# service withdrawals) through the interface workers, which must still be running.
+CONTROL_STOP_WAIT = 3.0
+STOP_WAIT = 5.0  # then SIGKILL; the unit's TimeoutStopSec leaves room for both
 
 
 @dataclass
@@ -53,8 +58,10 @@ class Supervisor:
         self.rings: list[Ring] = []
         self.workers: list[WorkerSpec] = []
         self.stopping = False
+        self.reload_wanted = False
         self.ready = False
         self._build()
+        self._add_metrics_worker()
 
     def _ring(self) -> Ring:
         r = Ring.create(RING_BYTES)
@@ -191,8 +198,51 @@ class Supervisor:
             ),
         )
 
+    def _add_metrics_worker(self) -> None:
+        """The Prometheus endpoint, when ``[metrics] listen`` is set (no rings)."""
+        if self.cfg.metrics.listen is None:
+            return
+        argv = [sys.executable, "-m", "meshpipe_workers.metrics", "--config", self.config_path]
+        self.workers.append(
+            WorkerSpec(role="metrics", argv=[*argv, "--sid", str(self.identity.sid)], fds=[])
+        )
+
+    def _reload(self) -> None:
+        """SIGHUP: validate the file, replace the metrics worker if [metrics] changed,
+        take the log level, and pass SIGHUP on (see workers/reload.py)."""
+        try:
+            new = reload.load_for_reload(self.config_path)
+        except ConfigError:
+            return
+        self.log.info("config.reload", changed=reload.changed_keys(self.cfg, new))
+        log.set_level(new.node.log_level)
+        metrics_changed = new.metrics != self.cfg.metrics
+        self.cfg = replace(
+            self.cfg, node=replace(self.cfg.node, log_level=new.node.log_level), metrics=new.metrics
+        )
+        if metrics_changed:
+            for w in [w for w in self.workers if w.role == "metrics"]:
+                self.workers.remove(w)
+                if w.proc is not None:
+                    w.proc.terminate()
+                    try:
+                        w.proc.wait(STOP_WAIT)
+                    except subprocess.TimeoutExpired:
+                        w.proc.kill()
+                        w.proc.wait()
+            self._add_metrics_worker()  # started by the next _check_children
+            self._publish_workers()
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
     def _start(self, w: WorkerSpec) -> None:
-        w.proc = subprocess.Popen(w.argv, pass_fds=w.fds, stdin=subprocess.DEVNULL)
+        w.proc = subprocess.Popen(
+            w.argv,
+            pass_fds=w.fds,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=reload.ignore_sighup_in_child,  # single-threaded: safe here
+        )
         w.started_at = time.monotonic()
         self.log.info("worker.start", worker=w.role, pid=w.proc.pid)
 
@@ -248,8 +298,12 @@ class Supervisor:
         def _stop(_sig: int, _frm: object) -> None:
             self.stopping = True
 
+        def _hup(_sig: int, _frm: object) -> None:
+            self.reload_wanted = True
+
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGHUP, _hup)
         sid = self.identity.sid
         self.log.info(
             "node.start",
@@ -264,6 +318,9 @@ class Supervisor:
         next_ping = time.monotonic()
         try:
             while not self.stopping:
+                if self.reload_wanted:
+                    self.reload_wanted = False
+                    self._reload()
                 self._check_children()
                 if not self.ready and self._control_ready():
                     self.ready = True
@@ -283,10 +340,18 @@ class Supervisor:
         return 0
 
     def _shutdown(self) -> None:
+        control = self.workers[0].proc
+        if control is not None:
+            control.terminate()
+            try:
+                control.wait(CONTROL_STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                pass  # killed with the rest below
         procs = [w.proc for w in self.workers if w.proc is not None]
         for p in procs:
-            p.terminate()
-        deadline = time.monotonic() + 5
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + STOP_WAIT
         for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))

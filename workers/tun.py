@@ -47,6 +47,7 @@ from meshpipe.offload import (
     split_message,
 )
 from meshpipe.tunnel import OVERLAY, TUNNEL_PORT
+from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.stopflag import StopFlag
 
 # Ring records (first byte), next to the tags in messages.py.
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config)
     sid = bytes.fromhex(a.sid)
     log.configure(node=a.sid[:8], role="tun", level=cfg.node.log_level)
+    follow_log_level(a.config)
     tcfg = cfg.tunnel
     try:
         fd = open_queue(tcfg.name, tcfg.offload)
