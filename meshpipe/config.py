@@ -65,7 +65,7 @@ CONFIG_FILE: Final = "meshpipe.toml"
 KEY_FILE: Final = "node.key"
 # sun_path holds 108 bytes on Linux; keep one for the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
-MAX_NAME_LEN: Final = 64
+MAX_NAME_LEN: Final = 63  # one DNS label (node records, meshpipe.noderecord)
 
 _IFACE_NAME = re.compile(r"[a-z0-9_-]{1,15}")
 _PORT = re.compile(r"[0-9]{1,5}")

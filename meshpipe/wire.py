@@ -26,8 +26,9 @@ KIND_HELLO = 1  # link-local: neighbour discovery and link quality
 KIND_ROUTING = 2  # link-local: route updates and requests
 KIND_DATA = 3  # routed: end-to-end payload between two SIDs
 KIND_DISCOVERY = 4  # link-local: signed service records, flooded (meshpipe.services.discovery)
+KIND_NODE = 5  # link-local: signed node records (name, neighbours), flooded (meshpipe.noderecord)
 
-KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY})
+KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY, KIND_NODE})
 
 DATA_HEADER = struct.Struct("!BB32s32s")
 DATA_HEADER_LEN = DATA_HEADER.size  # 66 bytes

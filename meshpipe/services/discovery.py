@@ -55,7 +55,11 @@ from typing import Any
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
-from meshpipe.identity import SID_LEN, SIG_LEN, Identity, Sid
+from meshpipe.flood import MAX_ITEMS, SEQ_MAX, next_seq
+from meshpipe.flood import TokenBucket as _Bucket
+from meshpipe.flood import item_parts as _item_parts
+from meshpipe.flood import pack_items as _pack  # shared with meshpipe.noderecord
+from meshpipe.identity import SID_LEN, Identity, Sid
 
 SERVICE_DOMAIN = b"meshpipe-service-v1"
 RECORD_VERSION = 1
@@ -72,8 +76,6 @@ DEFAULT_SCOPE = 16
 # Longest lifetime a record may claim. A protocol constant, not a node's own setting,
 # so nodes configured with different lifetimes still accept each other's records.
 MAX_LIFETIME = 3600.0
-SEQ_MAX = (1 << 63) - 1
-MAX_ITEMS = 256  # per frame
 MAX_PER_ORIGIN = 64  # cached records (and tombstones) per origin
 MAX_CACHE = 4096
 MAX_BUCKETS = 4096
@@ -208,18 +210,6 @@ def sign_record(identity: Identity, record: ServiceRecord) -> SignedRecord:
     return SignedRecord(record, body, identity.sign(SERVICE_DOMAIN + body))
 
 
-def _item_parts(raw: Any) -> tuple[bytes, bytes, int]:
-    """The raw pieces of an item; an oversize body is reported apart from damage."""
-    f = wire.expect_record(raw, 3, "record item")
-    if not isinstance(f[0], bytes):
-        raise FrameError("record body: want bytes")
-    return (
-        f[0],
-        wire.expect_bytes(f[1], SIG_LEN, "record signature"),
-        wire.expect_int(f[2], 0, 255, "record hops"),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Announce:
     items: list[Any]
@@ -281,23 +271,6 @@ def encode_answer(tag: bytes, items: list[list[Any]]) -> bytes:
     return wire.encode_control(wire.KIND_DISCOVERY, [MSG_ANSWER, bytes(tag), items])
 
 
-def _pack(items: list[list[Any]], budget: int) -> list[list[list[Any]]]:
-    """Split items into groups whose packed size stays within ``budget`` bytes."""
-    groups: list[list[list[Any]]] = []
-    cur: list[list[Any]] = []
-    used = 0
-    for it in items:
-        size = len(wire.pack_body(it))
-        if cur and (used + size > budget or len(cur) >= MAX_ITEMS):
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(it)
-        used += size
-    if cur:
-        groups.append(cur)
-    return groups
-
-
 @dataclass(frozen=True)
 class DiscoveryTiming:
     """Discovery timers (seconds) and limits."""
@@ -323,20 +296,6 @@ class DiscoveryOut:
 
     to: NeighbourKey | None
     frame: bytes
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    at: float
-
-    def take(self, now: float, rate: float, burst: float) -> bool:
-        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
-        self.at = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 @dataclass(slots=True)
@@ -415,7 +374,7 @@ class ServiceDiscovery:
 
     def _next_seq(self, now: float) -> int:
         # Milliseconds of wall clock: a restarted origin still issues newer seqs.
-        self._last_seq = min(SEQ_MAX, max(self._last_seq + 1, int(self.wall(now) * 1000)))
+        self._last_seq = next_seq(self._last_seq, self.wall(now))
         return self._last_seq
 
     # -- local services ------------------------------------------------------------
