@@ -199,6 +199,14 @@ class DiscoverySection:
 
 
 @dataclass(frozen=True)
+class DnsSection:
+    """``[dns]``: the node's DNS responder for the ``mesh`` zone (meshpipe/meshdns.py),
+    a UDP ``listen`` address; off (None) by default."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str  # absolute path of the file this was loaded from
     node: NodeSection
@@ -209,6 +217,7 @@ class Config:
     exit: ExitSection = ExitSection()
     discovery: DiscoverySection = DiscoverySection()
     tunnel: TunnelSection = TunnelSection()
+    dns: DnsSection = DnsSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -775,6 +784,10 @@ def _section_discovery(t: _Table) -> DiscoverySection:
     return DiscoverySection(lifetime=lifetime, refresh=refresh)
 
 
+def _section_dns(t: _Table) -> DnsSection:
+    return DnsSection(listen=t.hostport("listen") if "listen" in t.data else None)
+
+
 def _table_section(
     keys: Sequence[str], fn: Callable[[_Table], T]
 ) -> Callable[[_Context, str, object], T]:
@@ -824,6 +837,7 @@ _SECTIONS: Final[dict[str, _Section]] = {
         ),
         False,
     ),
+    "dns": _Section(_table_section(("listen",), _section_dns), False),
 }
 
 
@@ -869,6 +883,7 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
         exit=parsed["exit"],
         discovery=parsed["discovery"],
         tunnel=parsed["tunnel"],
+        dns=parsed["dns"],
     )
 
 
