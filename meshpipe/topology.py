@@ -45,7 +45,11 @@ def _quote(text: str) -> str:
 
 def to_dot(topo: dict[str, Any]) -> str:
     """A Graphviz (dot) graph: one box per node (name and short SID), this node filled."""
-    lines = ["graph mesh {", "  node [shape=box, fontname=Helvetica];"]
+    lines = [
+        "graph mesh {",
+        "  node [shape=box, fontname=Helvetica];",
+        "  edge [fontname=Helvetica];",
+    ]
     for n in topo["nodes"]:
         label = f"{_esc(n['name'])}\\n{n['sid'][:8]}" if n["name"] else n["sid"][:8]
         style = (

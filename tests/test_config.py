@@ -991,3 +991,14 @@ SERVICE_BAD: list[tuple[str, str, str, str]] = [
 )
 def test_service_and_exit_bad_value(tmp_path: Path, text: str, key: str, reason: str) -> None:
     assert_error(tmp_path, text, key, reason)
+
+
+# -- [dns] -----------------------------------------------------------------------------------
+
+
+def test_dns_is_off_by_default_and_takes_a_listen_address(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).dns.listen is None
+    cfg = load_config(write(tmp_path, MINIMAL + '[dns]\nlisten = "127.0.0.1:5353"\n'))
+    assert cfg.dns.listen == ("127.0.0.1", 5353)
+    assert_error(tmp_path, MINIMAL + '[dns]\nlisten = "localhost:53"\n', "dns.listen", "numeric")
+    assert_error(tmp_path, MINIMAL + "[dns]\nport = 53\n", "dns.port", "unknown key")
