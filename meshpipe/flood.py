@@ -9,15 +9,93 @@ restarted origin keeps issuing newer ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from meshpipe import wire
 from meshpipe.errors import FrameError
-from meshpipe.identity import SIG_LEN
+from meshpipe.identity import SIG_LEN, Sid
 
 SEQ_MAX = (1 << 63) - 1
 MAX_ITEMS = 256  # per frame
+
+
+class FloodedRecord(Protocol):
+    """What the shared checks read of a record: who signed it, its seq, its expiry."""
+
+    @property
+    def origin(self) -> bytes: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def expiry(self) -> int: ...
+
+
+R = TypeVar("R", bound=FloodedRecord)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedItem(Generic[R]):
+    """A parsed record with the exact body its origin signed; subclasses set DOMAIN."""
+
+    DOMAIN: ClassVar[bytes] = b""
+    record: R
+    body: bytes
+    sig: bytes
+    hops: int = 0  # hops travelled before the holder received it (0 at the origin)
+
+    def item(self, hops: int | None = None) -> list[Any]:
+        return [self.body, self.sig, self.hops if hops is None else min(255, hops)]
+
+    def verify(self) -> bool:
+        return Sid(bytes(self.record.origin)).verify(self.DOMAIN + self.body, self.sig)
+
+
+def admit(cur: SignedItem[R] | None, new: SignedItem[R], wall: float, max_lifetime: float) -> str:
+    """Whether ``new`` replaces ``cur`` (the cached record of the same key): ``"new"``,
+    ``"duplicate"``, or why not: ``"forged"`` (bad signature), ``"conflict"`` (another
+    validly signed body with the same seq), ``"stale"`` (an older seq: a replay),
+    ``"expired"``, ``"bad_expiry"`` (further ahead than ``max_lifetime`` seconds). The
+    signature is checked only when the answer depends on it."""
+    if cur is not None and cur.record.seq == new.record.seq:
+        if cur.body == new.body and cur.sig == new.sig:
+            return "duplicate"
+        return "conflict" if new.verify() else "forged"
+    if cur is not None and new.record.seq < cur.record.seq:
+        return "stale"
+    if not new.verify():
+        return "forged"
+    if new.record.expiry <= wall:
+        return "expired"
+    if new.record.expiry > wall + max_lifetime:
+        return "bad_expiry"
+    return "new"
+
+
+class FloodQueue:
+    """Items waiting to be flooded, batched for ``delay`` seconds into few frames."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.items: list[list[Any]] = []
+        self.at = math.inf
+
+    def add(self, item: list[Any], now: float, immediate: bool = False) -> None:
+        self.items.append(item)
+        self.at = min(self.at, now if immediate else now + self.delay)
+
+    @property
+    def deadline(self) -> float:
+        return self.at if self.items else math.inf
+
+    def take(self, now: float, budget: int) -> list[list[list[Any]]]:
+        """The queued items in groups of at most ``budget`` packed bytes, once due."""
+        if not self.items or now < self.at:
+            return []
+        groups = pack_items(self.items, budget)
+        self.items, self.at = [], math.inf
+        return groups
 
 
 @dataclass(slots=True)
@@ -91,8 +169,12 @@ def next_seq(last: int, wall: float) -> int:
 __all__ = [
     "MAX_ITEMS",
     "SEQ_MAX",
+    "FloodQueue",
+    "FloodedRecord",
     "OriginBuckets",
+    "SignedItem",
     "TokenBucket",
+    "admit",
     "item_parts",
     "next_seq",
     "pack_items",

@@ -39,13 +39,23 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
-from meshpipe.flood import MAX_ITEMS, SEQ_MAX, OriginBuckets, item_parts, next_seq, pack_items
-from meshpipe.identity import SID_LEN, Identity, Sid
+from meshpipe.flood import (
+    MAX_ITEMS,
+    SEQ_MAX,
+    FloodQueue,
+    OriginBuckets,
+    SignedItem,
+    admit,
+    item_parts,
+    next_seq,
+    pack_items,
+)
+from meshpipe.identity import SID_LEN, Identity
 from meshpipe.services.discovery import DiscoveryOut, NeighbourKey
 
 NODE_DOMAIN = b"meshpipe-node-v1"
@@ -124,18 +134,9 @@ class NodeRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SignedNodeRecord:
-    record: NodeRecord
-    body: bytes
-    sig: bytes
-    hops: int = 0  # hops travelled before the holder received it
-
-    def item(self, hops: int | None = None) -> list[Any]:
-        return [self.body, self.sig, self.hops if hops is None else min(255, hops)]
-
-    def verify(self) -> bool:
-        return Sid(bytes(self.record.origin)).verify(NODE_DOMAIN + self.body, self.sig)
+class SignedNodeRecord(SignedItem[NodeRecord]):
+    __slots__ = ()
+    DOMAIN: ClassVar[bytes] = NODE_DOMAIN
 
 
 def sign_node_record(identity: Identity, record: NodeRecord) -> SignedNodeRecord:
@@ -237,8 +238,7 @@ class NodeRecords:
         self._check_at = now
         self._dirty = False
         self._links: dict[NeighbourKey, NodeLink] = {}
-        self._flood: list[list[Any]] = []
-        self._flood_at = math.inf
+        self._flood = FloodQueue(self.t.flood_delay)
         self._out: list[DiscoveryOut] = []
 
     def wall(self, now: float) -> float:
@@ -277,7 +277,7 @@ class NodeRecords:
         self._dirty = False
         self._refresh_at = now + self.t.refresh * (1.0 - self.t.jitter * self.rng.random())
         self.counters["noderec.issued"] += 1
-        self._queue(self.own.item(0), now, immediate=True)
+        self._flood.add(self.own.item(0), now, immediate=True)
 
     # -- time --------------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class NodeRecords:
         return self._flush(now)
 
     def next_deadline(self) -> float:
-        t = min(self._check_at, self._refresh_at, self._flood_at if self._flood else math.inf)
+        t = min(self._check_at, self._refresh_at, self._flood.deadline)
         if self._dirty:
             t = min(t, self._issued_at + self.t.min_interval)
         return t
@@ -351,26 +351,18 @@ class NodeRecords:
                 self._last_seq = rec.seq  # we restarted with a slow clock: stay ahead
             return
         cur = self.cache.get(origin)
-        if cur is not None and cur.signed.record.seq == rec.seq:
-            if cur.signed.body == body and cur.signed.sig == sig:
-                self.counters["noderec.duplicate"] += 1
-            elif not signed.verify():
-                self._forged(origin, link)
-            else:
-                self.counters["noderec.drop.conflict"] += 1
-            return
-        if cur is not None and rec.seq < cur.signed.record.seq:
-            self.counters["noderec.drop.stale"] += 1
-            return
-        if not signed.verify():
+        verdict = admit(
+            None if cur is None else cur.signed,
+            signed,
+            self.wall(now),
+            MAX_LIFETIME + self.t.max_skew,
+        )
+        if verdict == "forged":
             self._forged(origin, link)
             return
-        wall = self.wall(now)
-        if rec.expiry <= wall:
-            self.counters["noderec.drop.expired"] += 1
-            return
-        if rec.expiry > wall + MAX_LIFETIME + self.t.max_skew:
-            self.counters["noderec.drop.bad_expiry"] += 1
+        if verdict != "new":
+            name = "duplicate" if verdict == "duplicate" else f"drop.{verdict}"
+            self.counters[f"noderec.{name}"] += 1
             return
         if hops + 1 > MAX_HOPS:
             self.counters["noderec.drop.hops"] += 1
@@ -386,7 +378,7 @@ class NodeRecords:
         if cur is None:
             self.events.append(Event("node.discovered", _ev(rec, hops + 1)))
         if hops + 1 < MAX_HOPS:
-            self._queue(signed.item(hops + 1), now)
+            self._flood.add(signed.item(hops + 1), now)
 
     def _forged(self, origin: bytes, link: NeighbourKey) -> None:
         self.counters["noderec.drop.forged"] += 1
@@ -413,18 +405,11 @@ class NodeRecords:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _queue(self, item: list[Any], now: float, immediate: bool = False) -> None:
-        self._flood.append(item)
-        self._flood_at = min(self._flood_at, now if immediate else now + self.t.flood_delay)
-
     def _flush(self, now: float) -> list[DiscoveryOut]:
         out, self._out = self._out, []
-        if self._flood and now >= self._flood_at:
-            for group in pack_items(self._flood, self.mtu - _ANNOUNCE_OVERHEAD):
-                self.counters["noderec.tx.frames"] += 1
-                out.append(DiscoveryOut(None, encode_announce(group)))
-            self._flood = []
-            self._flood_at = math.inf
+        for group in self._flood.take(now, self.mtu - _ANNOUNCE_OVERHEAD):
+            self.counters["noderec.tx.frames"] += 1
+            out.append(DiscoveryOut(None, encode_announce(group)))
         return out
 
 

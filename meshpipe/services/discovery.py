@@ -50,16 +50,16 @@ import re
 from collections import Counter
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
-from meshpipe.flood import MAX_ITEMS, SEQ_MAX, next_seq
+from meshpipe.flood import MAX_ITEMS, SEQ_MAX, FloodQueue, SignedItem, admit, next_seq
 from meshpipe.flood import TokenBucket as _Bucket
 from meshpipe.flood import item_parts as _item_parts
 from meshpipe.flood import pack_items as _pack  # shared with meshpipe.noderecord
-from meshpipe.identity import SID_LEN, Identity, Sid
+from meshpipe.identity import SID_LEN, Identity
 
 SERVICE_DOMAIN = b"meshpipe-service-v1"
 RECORD_VERSION = 1
@@ -186,18 +186,9 @@ class ServiceRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SignedRecord:
-    record: ServiceRecord
-    body: bytes
-    sig: bytes
-    hops: int = 0  # hops travelled before the holder received it (0 at the origin)
-
-    def item(self, hops: int | None = None) -> list[Any]:
-        return [self.body, self.sig, self.hops if hops is None else min(255, hops)]
-
-    def verify(self) -> bool:
-        return Sid(bytes(self.record.origin)).verify(SERVICE_DOMAIN + self.body, self.sig)
+class SignedRecord(SignedItem[ServiceRecord]):
+    __slots__ = ()
+    DOMAIN: ClassVar[bytes] = SERVICE_DOMAIN
 
 
 def sign_record(identity: Identity, record: ServiceRecord) -> SignedRecord:
@@ -355,8 +346,7 @@ class ServiceDiscovery:
         self.query_bucket = _Bucket(self.t.query_burst, now)
         self.paths: dict[bytes, _Path] = {}  # query tag -> where answers go
         self.tombstones: dict[str, tuple[SignedRecord, float]] = {}  # name -> record, resend at
-        self._flood: list[list[Any]] = []
-        self._flood_at = math.inf
+        self._flood = FloodQueue(self.t.flood_delay)
         self._last_seq = 0
         self._queries = 0
         self.my_queries: dict[bytes, float] = {}  # tag -> until (answers for us)
@@ -557,27 +547,20 @@ class ServiceDiscovery:
             return None
         key = (origin, rec.name)
         cur = self.cache.get(key)
-        if cur is not None and cur.signed.record.seq == rec.seq:
-            if cur.signed.body == body and cur.signed.sig == sig:
-                self.counters["discovery.duplicate"] += 1
-                return cur.signed
-            if not signed.verify():
-                self._forged(signed, link)
-            else:
-                self.counters["discovery.drop.conflict"] += 1
-            return None
-        if cur is not None and rec.seq < cur.signed.record.seq:
-            self.counters["discovery.drop.stale"] += 1
-            return None
-        if not signed.verify():
+        verdict = admit(
+            None if cur is None else cur.signed,
+            signed,
+            self.wall(now),
+            MAX_LIFETIME + self.t.max_skew,
+        )
+        if verdict == "duplicate":
+            self.counters["discovery.duplicate"] += 1
+            return None if cur is None else cur.signed
+        if verdict == "forged":
             self._forged(signed, link)
             return None
-        wall = self.wall(now)
-        if rec.expiry <= wall:
-            self.counters["discovery.drop.expired"] += 1
-            return None
-        if rec.expiry > wall + MAX_LIFETIME + self.t.max_skew:
-            self.counters["discovery.drop.bad_expiry"] += 1
+        if verdict != "new":
+            self.counters[f"discovery.drop.{verdict}"] += 1
             return None
         if hops + 1 > rec.scope:
             self.counters["discovery.drop.scope"] += 1
@@ -732,7 +715,7 @@ class ServiceDiscovery:
             del self.my_queries[tag]
 
     def next_deadline(self) -> float:
-        t = min(self._sweep_at, self._startup_query_at, self._flood_at if self._flood else math.inf)
+        t = min(self._sweep_at, self._startup_query_at, self._flood.deadline)
         for svc in self.local.values():
             if not svc.hidden:
                 t = min(t, svc.next_refresh)
@@ -747,19 +730,15 @@ class ServiceDiscovery:
     # -- sending -------------------------------------------------------------------------
 
     def _queue(self, item: list[Any], now: float, immediate: bool = False) -> None:
-        self._flood.append(item)
-        self._flood_at = min(self._flood_at, now if immediate else now + self.t.flood_delay)
+        self._flood.add(item, now, immediate)
 
     def _flush(self, now: float) -> list[DiscoveryOut]:
         out = self._out
         self._out = []
-        if self._flood and now >= self._flood_at:
-            for group in _pack(self._flood, self.mtu - _ANNOUNCE_OVERHEAD):
-                self.counters["discovery.announce.tx"] += 1
-                self.counters["discovery.tx.frames"] += 1
-                out.append(DiscoveryOut(None, encode_announce(group)))
-            self._flood = []
-            self._flood_at = math.inf
+        for group in self._flood.take(now, self.mtu - _ANNOUNCE_OVERHEAD):
+            self.counters["discovery.announce.tx"] += 1
+            self.counters["discovery.tx.frames"] += 1
+            out.append(DiscoveryOut(None, encode_announce(group)))
         return out
 
 
