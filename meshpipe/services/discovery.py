@@ -55,7 +55,15 @@ from typing import Any, ClassVar
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
-from meshpipe.flood import MAX_ITEMS, SEQ_MAX, FloodQueue, SignedItem, admit, next_seq
+from meshpipe.flood import (
+    MAX_ITEMS,
+    SEQ_MAX,
+    FloodQueue,
+    OriginBuckets,
+    SignedItem,
+    admit,
+    next_seq,
+)
 from meshpipe.flood import TokenBucket as _Bucket
 from meshpipe.flood import item_parts as _item_parts
 from meshpipe.flood import pack_items as _pack  # shared with meshpipe.noderecord
@@ -342,7 +350,7 @@ class ServiceDiscovery:
         self.local: dict[str, _Local] = {}
         self.cache: dict[tuple[bytes, str], _Cached] = {}
         self.per_origin: Counter[bytes] = Counter()
-        self.buckets: dict[bytes, _Bucket] = {}
+        self.buckets = OriginBuckets(self.t.rate, self.t.burst, MAX_BUCKETS)
         self.query_bucket = _Bucket(self.t.query_burst, now)
         self.paths: dict[bytes, _Path] = {}  # query tag -> where answers go
         self.tombstones: dict[str, tuple[SignedRecord, float]] = {}  # name -> record, resend at
@@ -565,7 +573,7 @@ class ServiceDiscovery:
         if hops + 1 > rec.scope:
             self.counters["discovery.drop.scope"] += 1
             return None
-        if not self._take(origin, now):
+        if not self.buckets.take(origin, now):
             self.counters["discovery.drop.rate"] += 1
             return None
         if cur is None and (
@@ -598,15 +606,6 @@ class ServiceDiscovery:
                 },
             )
         )
-
-    def _take(self, origin: bytes, now: float) -> bool:
-        b = self.buckets.pop(origin, None)
-        if b is None:
-            b = _Bucket(self.t.burst, now)
-            while len(self.buckets) >= MAX_BUCKETS:
-                del self.buckets[next(iter(self.buckets))]
-        self.buckets[origin] = b  # most recently used last
-        return b.take(now, self.t.rate, self.t.burst)
 
     def _on_query(self, link: NeighbourKey, q: Query, now: float) -> None:
         self.counters["discovery.query.rx"] += 1
