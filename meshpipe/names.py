@@ -10,7 +10,8 @@ with or without the ``.mesh`` domain:
 - ``SIDPREFIX``: the node(s) whose SID starts with these 16+ hex characters;
 - ``NAME.SIDPREFIX``: the node with both (a 64-bit prefix makes it unique in practice).
 
-A name that is also 16+ hex characters is first taken as a SID prefix.
+A name that is also 16+ hex characters is first taken as a SID prefix; a query that
+matches none of the forms is tried as a whole name (names may contain dots).
 """
 
 from __future__ import annotations
@@ -69,17 +70,16 @@ def lookup(query: str, known: Iterable[Claimant]) -> list[Claimant]:
     if q.endswith("." + DOMAIN):
         q = q[: -len(DOMAIN) - 1]
     labels = q.split(".")
-    if not q or len(labels) > 2:
+    if not q:
         return []
     cands = list(known)
-    if len(labels) == 2:
+    found: list[Claimant] = []
+    if len(labels) == 2 and _HEX.fullmatch(labels[1]):
         name, prefix = labels
-        if not _HEX.fullmatch(prefix):
-            return []
         found = [c for c in cands if c.sid.hex().startswith(prefix) and c.name.lower() == name]
-    elif _HEX.fullmatch(q) and any(c.sid.hex().startswith(q) for c in cands):
+    elif _HEX.fullmatch(q):
         found = [c for c in cands if c.sid.hex().startswith(q)]
-    else:
+    if not found:  # a plain name (which may contain dots)
         found = [c for c in cands if c.name and c.name.lower() == q]
     return sorted(found, key=_order)
 

@@ -44,6 +44,8 @@ def test_lookup_forms_and_order() -> None:
     assert lookup(SIDS[2].hex()[:15], KNOWN) == []  # too short to be a SID prefix
     assert lookup("nobody", KNOWN) == [] and lookup("", KNOWN) == []
     assert lookup("lost", KNOWN) == [LOST]
+    dotted = Claimant(SIDS[3], "my.node", 7)
+    assert lookup("my.node.mesh", [dotted]) == [dotted]
     assert unique_name(FAR_D) == f"d.{SIDS[2].hex()[:16]}.mesh"
     assert unique_name(Claimant(SIDS[1], "not a label", 1)) == f"{SIDS[1].hex()[:16]}.mesh"
 

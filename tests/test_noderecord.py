@@ -269,3 +269,45 @@ def test_line_topology_names_and_a_stopped_node() -> None:
         )
 
     assert run_until(sim, c_gone, 30.0) < 30.0
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.floats(0.0, 8.0),
+            st.dictionaries(st.integers(1, 30), st.integers(1, 0xFFFF), max_size=30),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_own_record_state_machine(steps: list[tuple[float, dict[int, int]]]) -> None:
+    """Issues are at least min_interval apart, always within the bounds, and a link set
+    that holds still is what the record says once min_interval has passed."""
+    t = NodeRecordTiming(max_neighbours=8)
+    a = NodeRecords(A, 0.0, timing=t)
+    now, issued, links = 0.0, [], []
+    for dt, nbs in steps:
+        now += dt
+        links = [NodeLink(bytes([k]) * 32, c, (0, k)) for k, c in nbs.items()]
+        while a.next_deadline() <= now:
+            before = a.counters["noderec.issued"]
+            a.on_timer(a.next_deadline(), links)
+            if a.counters["noderec.issued"] > before:
+                issued.append(a._issued_at)
+        a.on_timer(now, links)
+        if a.own is not None and (not issued or issued[-1] != a._issued_at):
+            issued.append(a._issued_at)
+        assert a.own is not None and len(a.own.record.neighbours) <= t.max_neighbours
+        NodeRecord.decode(a.own.body)
+    assert all(b - x >= t.min_interval - 1e-9 for x, b in itertools.pairwise(issued))
+    end = now + t.min_interval + t.check
+    while a.next_deadline() <= end:
+        a.on_timer(a.next_deadline(), links)
+    a.on_timer(end, links)
+    usable = sorted(
+        (c, bytes([k]) * 32) for k, c in {lk.key[1]: lk.cost for lk in links}.items() if c <= 0xFFFE
+    )
+    got = {s: c for s, c in a.own.record.neighbours}
+    assert set(got) == {s for _, s in usable[: t.max_neighbours]}
