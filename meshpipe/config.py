@@ -1013,6 +1013,11 @@ offload = true
 # [[tunnel.route]]
 # prefix = "198.18.200.0/24"
 # via = "<the gateway's whole SID, 64 hex characters>"
+
+# A DNS responder for the mesh zone: NAME.mesh, SIDPREFIX.mesh, NAME.SIDPREFIX.mesh
+# (AAAA: overlay addresses) and PTR; off unless listen is set.
+# [dns]
+# listen = "127.0.0.1:5353"
 """
 
 

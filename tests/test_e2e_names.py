@@ -9,6 +9,7 @@ host's resolver is untouched. A and D run the tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     ) as lab:
         assert lab.topo is not None
         etc = Path("/etc/netns") / lab.topo.ns("a")
+        made_parent = not etc.parent.exists()
         etc.mkdir(parents=True, exist_ok=True)
         try:
             (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1\n")
@@ -48,6 +50,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             yield lab
         finally:
             shutil.rmtree(etc, ignore_errors=True)
+            if made_parent:
+                with contextlib.suppress(OSError):  # another test may be using it
+                    etc.parent.rmdir()
 
 
 def _ipv6(lab: Lab, name: str) -> str:
