@@ -18,11 +18,12 @@ NODE frames (``wire.KIND_NODE``, link-local, flooded like route updates)::
 One record per origin is kept: a higher ``seq`` replaces it, and it is forgotten at
 its expiry. A node re-issues its own record every ``refresh`` seconds, and when its
 neighbour set changes or a cost moves by more than ``cost_change`` (a fraction), but
-never twice within ``min_interval``. A new neighbour is sent every live record at once,
-so a node that joins knows the mesh without waiting for refreshes. The neighbours in
-a record are the cheapest links, as many as ``max_neighbours`` and as fit one frame
-of the node's smallest interface MTU. Names are claims, not proofs: two nodes may
-claim the same name, and nothing here prefers one (meshpipe.names does, by distance).
+never twice within ``min_interval``. A new neighbour is sent the live records at once
+(the MAX_SYNC nearest), so a node that joins knows the mesh without waiting for
+refreshes. The neighbours in a record are the cheapest links, as many as
+``max_neighbours`` and as fit one frame of the node's smallest interface MTU. Names
+are claims, not proofs: two nodes may claim the same name, and nothing here prefers
+one (meshpipe.names does, by distance).
 
 Drops (counters): ``noderec.drop.malformed``, ``.oversize``, ``.forged``,
 ``.conflict`` (two validly signed bodies with one seq), ``.stale``, ``.expired``,
@@ -68,6 +69,7 @@ MAX_BODY = 1100  # fits MAX_NEIGHBOURS neighbours and the longest name
 MAX_HOPS = 64  # as routing's hop limit
 MAX_LIFETIME = 3600.0
 MAX_CACHE = 4096  # origins
+MAX_SYNC = 256  # records sent to a new neighbour, nearest first (the rest come by refresh)
 _ANNOUNCE_OVERHEAD = 8  # kind byte, outer array, type, list header
 _ITEM_OVERHEAD = 72  # item array, body bin header, signature with header, hops
 _NEIGHBOUR_SIZE = 38  # fixarray, bin 8 header + 32, u16 cost
@@ -307,7 +309,8 @@ class NodeRecords:
 
     def _sync(self, key: NeighbourKey) -> None:
         items = [] if self.own is None else [self.own.item(0)]
-        items += [c.signed.item(c.hops) for c in self.cache.values()]
+        nearest = sorted(self.cache.values(), key=lambda c: c.hops)[:MAX_SYNC]
+        items += [c.signed.item(c.hops) for c in nearest]
         for group in pack_items(items, self.mtu - _ANNOUNCE_OVERHEAD):
             self.counters["noderec.sync"] += 1
             self.counters["noderec.tx.frames"] += 1
