@@ -103,7 +103,58 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_id(args: argparse.Namespace) -> int:
-    _emit(args, _ask(args, "id"), lambda d: print(f"sid:  {d['sid']}\nipv6: {d['ipv6']}"))
+    # From the config and the key file: works without a running node.
+    from meshpipe.config import load_config
+    from meshpipe.identity import Identity
+
+    cfg = load_config(_config_path(args))
+    sid = Identity.load(cfg.node.key).sid
+    info = {"sid": str(sid), "ipv6": str(sid.ipv6()), "name": cfg.node.name}
+    _emit(args, info, lambda d: print(f"sid:  {d['sid']}\nipv6: {d['ipv6']}"))
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    found: list[dict[str, Any]] = _ask(args, "resolve", name=args.name)
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        table = [
+            [
+                r["name"] or "-",
+                r["sid"][:16],
+                r["ipv6"],
+                "-" if r["metric"] is None else str(r["metric"]),
+            ]
+            for r in rows
+        ]
+        _print_table(table, ["NAME", "SID", "IPV6", "METRIC"])
+        if len(rows) > 1:
+            print(f"{len(rows)} nodes claim this name; NAME.SIDPREFIX.mesh picks one")
+
+    if not found:
+        print(f"meshpipe: no node known as {args.name!r}", file=sys.stderr)
+        if args.json:
+            print("[]")
+        return 1
+    _emit(args, found, human)
+    return 0
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from meshpipe.topology import to_dot
+
+    topo: dict[str, Any] = _ask(args, "topology")
+    if args.dot:
+        print(to_dot(topo), end="")
+        return 0
+
+    def human(t: dict[str, Any]) -> None:
+        names = {n["sid"]: n["name"] or n["sid"][:8] for n in t["nodes"]}
+        print(f"{len(t['nodes'])} nodes, {len(t['links'])} links")
+        for lk in t["links"]:
+            print(f"  {names[lk['a']]} -- {names[lk['b']]}  cost {lk['cost']}")
+
+    _emit(args, topo, human)
     return 0
 
 
@@ -443,8 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     node_cmd("reload", cmd_reload, "re-read the config file and apply what changed (or refuse it)")
     node_cmd("peers", cmd_peers, "neighbours with link quality")
     node_cmd("routes", cmd_routes, "selected routes")
-    node_cmd("id", cmd_id, "this node's SID and overlay IPv6 address")
+    node_cmd("id", cmd_id, "this node's SID and overlay IPv6 address (no running node needed)")
     node_cmd("sessions", cmd_sessions, "end-to-end encrypted sessions")
+    sp = node_cmd("resolve", cmd_resolve, "SIDs and overlay addresses of every node claiming NAME")
+    sp.add_argument("name", help="NAME, SIDPREFIX (16+ hex) or NAME.SIDPREFIX (.mesh optional)")
+    sp = node_cmd("topology", cmd_topology, "the mesh as this node knows it: nodes and links")
+    sp.add_argument("--dot", action="store_true", help="a Graphviz graph instead")
     sp = node_cmd("ping", cmd_ping, "MDP echo to a node: RTT per reply, loss, hop count")
     sp.add_argument("sid", help="destination SID or unique prefix (>= 8 hex characters)")
     sp.add_argument("--count", "-n", type=int, default=4)

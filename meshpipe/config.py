@@ -68,7 +68,7 @@ CONFIG_FILE: Final = "meshpipe.toml"
 KEY_FILE: Final = "node.key"
 # sun_path holds 108 bytes on Linux; keep one for the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
-MAX_NAME_LEN: Final = 64
+MAX_NAME_LEN: Final = 63  # one DNS label (node records, meshpipe.noderecord)
 
 _IFACE_NAME = re.compile(r"[a-z0-9_-]{1,15}")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -253,6 +253,14 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class DnsSection:
+    """``[dns]``: the node's DNS responder for the ``mesh`` zone (meshpipe/meshdns.py),
+    a UDP ``listen`` address; off (None) by default."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str  # absolute path of the file this was loaded from
     node: NodeSection
@@ -265,6 +273,7 @@ class Config:
     tunnel: TunnelSection = TunnelSection()
     limits: LimitsSection = LimitsSection()
     metrics: MetricsSection = MetricsSection()
+    dns: DnsSection = DnsSection()
 
 
 # -- HOST:PORT ---------------------------------------------------------------------------
@@ -891,6 +900,10 @@ def _section_metrics(t: _Table) -> MetricsSection:
     return MetricsSection(listen=(host, port))
 
 
+def _section_dns(t: _Table) -> DnsSection:
+    return DnsSection(listen=t.hostport("listen") if "listen" in t.data else None)
+
+
 def _table_section(
     keys: Sequence[str], fn: Callable[[_Table], T]
 ) -> Callable[[_Context, str, object], T]:
@@ -942,6 +955,7 @@ _SECTIONS: Final[dict[str, _Section]] = {
     ),
     "limits": _Section(_table_section(_LIMIT_KEYS, _section_limits), False),
     "metrics": _Section(_table_section(("listen",), _section_metrics), False),
+    "dns": _Section(_table_section(("listen",), _section_dns), False),
 }
 
 
@@ -991,6 +1005,7 @@ def parse_config(text: str, path: str, cpu_count: int | None = None) -> Config:
         tunnel=parsed["tunnel"],
         limits=parsed["limits"],
         metrics=parsed["metrics"],
+        dns=parsed["dns"],
     )
 
 
@@ -1124,6 +1139,11 @@ offload = true
 # [[tunnel.route]]
 # prefix = "198.18.200.0/24"
 # via = "<the gateway's whole SID, 64 hex characters>"
+
+# A DNS responder for the mesh zone: NAME.mesh, SIDPREFIX.mesh, NAME.SIDPREFIX.mesh
+# (AAAA: overlay addresses) and PTR; off unless listen is set.
+# [dns]
+# listen = "127.0.0.1:5353"
 """
 
 

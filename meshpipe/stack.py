@@ -24,6 +24,11 @@ sessions: DISCOVERY frames from known neighbours go to ``self.discovery`` (other
 ``discovery.drop.unknown_neighbour``) and its frames leave link-wide like route
 updates. API: ``announce_service``, ``withdraw_service``, ``query_services``,
 ``services``; counters ``discovery.*``; events ``service.*``.
+
+Node records (:mod:`meshpipe.noderecord`: this node's name and neighbours, signed and
+flooded) sit beside discovery the same way: NODE frames from known neighbours go to
+``self.nodes``, which looks at ``neighbours()`` on its own timer. API:
+``node_records``; counters ``noderec.*``; events ``node.*``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from meshpipe import wire
+from meshpipe import topology, wire
 from meshpipe.actions import (
     Action,
     Deliver,
@@ -59,7 +64,9 @@ from meshpipe.mdp import (
     max_payload,
 )
 from meshpipe.msp import PROTO_MSP, Msp, MspParams
+from meshpipe.names import Claimant, claimants
 from meshpipe.node import InterfaceParams, NeighbourInfo, NodeCore, RouteInfo, Timing
+from meshpipe.noderecord import NodeLink, NodeRecord, NodeRecords, NodeRecordTiming
 from meshpipe.services.discovery import (
     AttrValue,
     DiscoveryLimits,
@@ -87,6 +94,7 @@ class SessionProtocol(Protocol):
 
 
 _DISCOVERY_BYTE = wire.kind_byte(wire.KIND_DISCOVERY)
+_NODE_BYTE = wire.kind_byte(wire.KIND_NODE)
 PING_MAGIC = b"mpng"
 _PING = struct.Struct("!4sI")  # magic, sequence number; padding follows
 EPHEMERAL_PORTS = range(49152, 65536)
@@ -122,6 +130,8 @@ class NodeStack:
         discovery_limits: DiscoveryLimits | None = None,
         msp_params: MspParams | None = None,
         sharded: bool = False,
+        node_name: str | None = None,
+        node_timing: NodeRecordTiming | None = None,
     ) -> None:
         self.identity = identity
         self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
@@ -164,6 +174,14 @@ class NodeStack:
             limits=discovery_limits,
             route_metric=self._route_metric,
         )
+        self.nodes = NodeRecords(
+            identity,
+            now,
+            name=node_name,
+            clock_offset=self.discovery.offset,
+            mtu=min(p.mtu for p in self.core.interfaces),
+            timing=node_timing,
+        )
 
     @property
     def sid(self) -> Sid:
@@ -179,6 +197,11 @@ class NodeStack:
                 self._counters["discovery.drop.unknown_neighbour"] += 1
                 return []
             return self._discovery_outs(self.discovery.on_message((iface, src), frame, now))
+        if frame[:1] == _NODE_BYTE:
+            if (iface, src) not in self.core.links.by_key:
+                self._counters["noderec.drop.unknown_neighbour"] += 1
+                return []
+            return self._node_outs(self.nodes.on_message((iface, src), frame, now))
         return self._process(self.core.on_frame(iface, src, frame, now), now, (iface, src))
 
     def on_timer(self, now: float) -> list[Action]:
@@ -190,6 +213,9 @@ class NodeStack:
             self._session_outs(self.session.on_timer(now), 0, now, out)
         if now >= self.discovery.next_deadline():
             out.extend(self._discovery_outs(self.discovery.on_timer(now)))
+        if now >= self.nodes.next_deadline():
+            links = [NodeLink(bytes(n.sid), n.cost, (n.iface, n.addr)) for n in self.neighbours()]
+            out.extend(self._node_outs(self.nodes.on_timer(now, links)))
         for proto in self._protocols.values():
             if now >= proto.next_deadline():
                 for dst, plaintext in proto.on_timer(now):
@@ -208,6 +234,7 @@ class NodeStack:
             self.core.next_deadline(),
             math.inf if self.session is None else self.session.next_deadline(),
             self.discovery.next_deadline(),
+            self.nodes.next_deadline(),
             *(p.next_deadline() for p in self._protocols.values()),
         )
 
@@ -352,8 +379,33 @@ class NodeStack:
         sel = self.core.router.selected.get(bytes(origin))
         return None if sel is None or sel.metric >= INFINITY else sel.metric
 
+    def node_records(self, now: float | None = None) -> list[NodeRecord]:
+        """Every live node record (name, neighbours and costs), this node's own first."""
+        return self.nodes.records(self._now if now is None else now)
+
+    def _metrics(self) -> dict[bytes, int]:
+        metrics = {bytes(r.sid): r.metric for r in self.routes()}
+        for n in self.neighbours():
+            metrics.setdefault(bytes(n.sid), n.cost)
+        return metrics
+
+    def node_claimants(self, now: float | None = None) -> list[Claimant]:
+        """Who claims which name, with the routing metric to each (meshpipe.names)."""
+        return claimants(self.node_records(now), self.sid, self._metrics())
+
+    def topology(self, now: float | None = None) -> dict[str, Any]:
+        """Nodes and links of the reachable mesh, from the node records (meshpipe.topology)."""
+        return topology.build(self.sid, self.node_records(now), set(self._metrics()))
+
     def _discovery_outs(self, outs: Sequence[DiscoveryOut]) -> list[Action]:
-        out: list[Action] = list(self.discovery.drain_events())
+        return self._link_outs(self.discovery.drain_events(), outs)
+
+    def _node_outs(self, outs: Sequence[DiscoveryOut]) -> list[Action]:
+        return self._link_outs(self.nodes.drain_events(), outs)
+
+    def _link_outs(self, events: list[Event], outs: Sequence[DiscoveryOut]) -> list[Action]:
+        """Flooded control frames leave link-wide on every interface, others unicast."""
+        out: list[Action] = list(events)
         for o in outs:
             if o.to is None:
                 for i in range(len(self.core.interfaces)):
@@ -387,6 +439,7 @@ class NodeStack:
             collections.Counter() if self.session is None else self.session.counters,
             self.mdp.counters,
             self.discovery.counters,
+            self.nodes.counters,
             self.msp.counters,
             self._counters,
         ):

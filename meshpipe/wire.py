@@ -26,12 +26,14 @@ KIND_HELLO = 1  # link-local: neighbour discovery and link quality
 KIND_ROUTING = 2  # link-local: route updates and requests
 KIND_DATA = 3  # routed: end-to-end payload between two SIDs
 KIND_DISCOVERY = 4  # link-local: signed service records, flooded (meshpipe.services.discovery)
+KIND_NODE = 6  # link-local: signed node records (name, neighbours), flooded (meshpipe.noderecord)
 
 # link-local: a DATA frame with a per-hop sequence number, and per-hop acks
 # (meshpipe.link.recovery). The link shells unwrap it, so the core never sees one.
 KIND_LINK = 5
 
-KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY})  # what the core takes
+# what the core takes
+KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY, KIND_NODE})
 
 DATA_HEADER = struct.Struct("!BB32s32s")
 DATA_HEADER_LEN = DATA_HEADER.size  # 66 bytes

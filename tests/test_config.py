@@ -1056,3 +1056,14 @@ def test_hop_recovery_auto_is_off_where_it_cannot_work(tmp_path: Path) -> None:
 )
 def test_hop_recovery_bad_value(tmp_path: Path, text: str, reason: str) -> None:
     assert_error(tmp_path, text, "interface[0].hop_recovery", reason)
+
+
+# -- [dns] -----------------------------------------------------------------------------------
+
+
+def test_dns_is_off_by_default_and_takes_a_listen_address(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).dns.listen is None
+    cfg = load_config(write(tmp_path, MINIMAL + '[dns]\nlisten = "127.0.0.1:5353"\n'))
+    assert cfg.dns.listen == ("127.0.0.1", 5353)
+    assert_error(tmp_path, MINIMAL + '[dns]\nlisten = "localhost:53"\n', "dns.listen", "numeric")
+    assert_error(tmp_path, MINIMAL + "[dns]\nport = 53\n", "dns.port", "unknown key")

@@ -65,12 +65,20 @@ def test_cli_against_stopped_node_fails_plainly(tmp_path: Path) -> None:
         capture_output=True,
     )
     cfg = tmp_path / "n" / "meshpipe.toml"
-    for cmd in ("routes", "status", "id", "peers", "sessions"):
+    for cmd in ("routes", "status", "peers", "sessions", "topology", "resolve"):
+        args = [cmd, "x"] if cmd == "resolve" else [cmd]
         res = subprocess.run(
-            [sys.executable, "-m", "meshpipe", cmd, "-c", str(cfg)], capture_output=True, text=True
+            [sys.executable, "-m", "meshpipe", *args, "-c", str(cfg)],
+            capture_output=True,
+            text=True,
         )
         assert res.returncode != 0
         assert "not running" in res.stderr
+    # id is answered from the config and the key file
+    res = subprocess.run(
+        [sys.executable, "-m", "meshpipe", "id", "-c", str(cfg)], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "ipv6: fd" in res.stdout
 
 
 def test_run_refuses_bad_key_and_bad_config(tmp_path: Path) -> None:

@@ -148,7 +148,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             for name in ("a", "b", "c"):
                 lab.start(name, wait=False)
             for name in ("a", "b", "c"):
-                lab.wait_for(lambda n=name: lab.cli(n, "id"), 20, f"{name} to start")
+                lab.wait_for(lambda n=name: lab.cli(n, "status"), 20, f"{name} to start")
             lab.wait_for(lambda: lab.route("a", "c"), 30, "a's route to c")
             yield e
         finally:

@@ -34,11 +34,13 @@ from meshpipe.errors import MeshpipeError, RecordError
 from meshpipe.identity import Identity, Sid, resolve_sid
 from meshpipe.mdp import MdpError
 from meshpipe.msp import Stream
+from meshpipe.names import lookup
 from meshpipe.services.discovery import DiscoveryTiming
 from meshpipe.stack import NodeStack, PingReply
 from meshpipe_workers import messages as msg
 from meshpipe_workers import metrics, radio, reload
 from meshpipe_workers.coreparams import interface_params, timing
+from meshpipe_workers.dnsserver import DnsServer
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
 from meshpipe_workers.services import Services
@@ -252,6 +254,7 @@ class ControlWorker:
             discovery_limits=cfg.limits.discovery_limits(),
             msp_params=cfg.limits.msp_params(),
             sharded=True,  # sessions live in the crypto workers
+            node_name=cfg.node.name,
         )
         self.pings: list[PingJob] = []
         self.counters: Counter[str] = Counter()
@@ -287,6 +290,19 @@ class ControlWorker:
         )
         self.reloader = reload.control_reloader(self)  # workers/reload.py: register sections
         self.reload_wanted = False
+        self.dns = self._start_dns()
+
+    def _start_dns(self) -> DnsServer | None:
+        """The [dns] responder; a node whose address is taken keeps running without it."""
+        if self.cfg.dns.listen is None:
+            return None
+        try:
+            server = DnsServer(self.cfg.dns.listen, self.sel, self.core.node_claimants)
+        except OSError as exc:
+            self.log.error("dns.unavailable", listen=list(self.cfg.dns.listen), error=str(exc))
+            return None
+        self.log.info("dns.listen", listen=list(self.cfg.dns.listen))
+        return server
 
     def _listen(self, ring: Ring) -> None:
         self.rx.append(ring)
@@ -413,11 +429,14 @@ class ControlWorker:
             "routes": self.api_routes,
             "sessions": self.api_sessions,
             "streams": self.api_streams,
+            "topology": self.core.topology,
         }.get(cmd)
         if cmd == "metrics":
             return metrics.snapshot(self)
         if cmd == "reload":
             return self.api_reload()
+        if cmd == "resolve":
+            return self.api_resolve(req)
         if cmd == "ping":
             return self.api_ping(req)
         if cmd == "msp.connect":
@@ -472,6 +491,16 @@ class ControlWorker:
         known = {bytes(r.sid) for r in self.core.routes()}
         known.update(bytes(n.sid) for n in self.core.neighbours())
         return known
+
+    def api_resolve(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every node claiming a name (or SID prefix), nearest first; names are claims."""
+        name = req.get("name")
+        if not isinstance(name, str) or not name:
+            raise MeshpipeError("resolve: want a name")
+        return [
+            {**c.as_json(), "hops": self.core.nodes.hops(c.sid) or 0}
+            for c in lookup(name, self.core.node_claimants())
+        ]
 
     def api_sessions(self) -> list[dict[str, Any]]:
         """The crypto workers' sessions, as of their last reports (at most 1 s old)."""
@@ -625,6 +654,8 @@ class ControlWorker:
     def api_status(self) -> dict[str, Any]:
         counters = Counter(self.core.counters)
         counters.update(self.counters)
+        if self.dns is not None:
+            counters.update(self.dns.counters)
         workers = []
         for (iface, worker), body in sorted(self.worker_reports.items()):
             workers.append(
@@ -725,6 +756,8 @@ class ControlWorker:
                 next_stats = now + STATS_PERIOD
         self.farewell()
         self.services.close()
+        if self.dns is not None:
+            self.dns.close()
         self.server.close()
         self.log.info("control.stop")
 

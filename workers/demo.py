@@ -4,13 +4,16 @@ As root they live in network namespaces joined by veth pairs (198.18.0.0/15) and
 find each other by LAN multicast; otherwise they share loopback and use configured
 unicast peers. The demo prints what each node sees, then shows services: d exposes a
 web server to a only, a finds it by discovery and fetches through a forward, b is
-refused (and d logs it), and a file crosses the 3 hops on an MSP stream.
+refused (and d logs it), and a file crosses the 3 hops on an MSP stream. Then names:
+a's DNS responder answers d.mesh, `meshpipe resolve d`, and the mesh's topology from
+the node records (an SVG picture when Graphviz's dot is installed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -143,6 +146,53 @@ def show_tunnel(lab: Lab, netns: bool) -> None:
             print(f"  {line}")
 
 
+def enable_dns(lab: Lab) -> tuple[str, int]:
+    """a answers DNS for the mesh zone (on loopback: its own namespace's, as root)."""
+    addr = ("127.0.0.1", free_port())
+    cfg = lab.nodes["a"].config
+    cfg.write_text(cfg.read_text() + f'\n[dns]\nlisten = "{addr[0]}:{addr[1]}"\n')
+    return addr
+
+
+def dns_query(lab: Lab, addr: tuple[str, int], name: str) -> str:
+    """Ask a's responder with dnspython, from inside a's namespace when there is one."""
+    code = (
+        "import sys, dns.message, dns.query\n"
+        "q = dns.message.make_query(sys.argv[1], 'AAAA')\n"
+        "r = dns.query.udp(q, sys.argv[2], port=int(sys.argv[3]), timeout=3)\n"
+        "print(' '.join(rd.to_text() for rrset in r.answer for rd in rrset) or r.rcode())\n"
+    )
+    argv = [sys.executable, "-c", code, name, addr[0], str(addr[1])]
+    proc = in_node(lab, "a", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=30)
+    return out.decode().strip()
+
+
+def show_names(lab: Lab, dns_addr: tuple[str, int]) -> None:
+    banner("names: every node's name is in its signed node record")
+    d_ip = lab.cli("d", "id")["ipv6"]
+    lab.wait_for(lambda: lab.cli("a", "resolve", "d"), 30, "a to know d's name")
+    print(lab.cli_text("a", "resolve", "d"), end="")
+    answer = lab.wait_for(
+        lambda: (got := dns_query(lab, dns_addr, "d.mesh")) == d_ip and got, 30, "d.mesh"
+    )
+    print(f"  DNS at a ({dns_addr[0]}:{dns_addr[1]}): d.mesh AAAA -> {answer}")
+    banner("the mesh as a knows it (meshpipe topology)")
+    lab.wait_for(
+        lambda: len((lab.cli("a", "topology") or {}).get("links", [])) == len(NAMES) - 1,
+        30,
+        "a's topology",
+    )
+    print(lab.cli_text("a", "topology"), end="")
+    if shutil.which("dot") is None:
+        print("  (install graphviz for an SVG picture: meshpipe topology --dot | dot -Tsvg)")
+        return
+    svg = Path(tempfile.gettempdir()) / "meshpipe-demo-topology.svg"
+    dot = lab.run("a", "topology", "--dot").stdout
+    subprocess.run(["dot", "-Tsvg", "-o", str(svg)], input=dot, text=True, check=True)
+    print(f"  picture: {svg} (meshpipe topology --dot | dot -Tsvg)")
+
+
 def main() -> int:
     netns = os.geteuid() == 0
     with (
@@ -157,6 +207,7 @@ def main() -> int:
         banner(f"starting 4 nodes in a line a - b - c - d: {where}")
         if netns:
             enable_tunnel(lab)
+        dns_addr = enable_dns(lab)
         lab.start_all()
         for name in NAMES:
             print(f"  {name}: {lab.nodes[name].sid}")
@@ -180,6 +231,7 @@ def main() -> int:
         show_services(lab, tmp)
         show_stream(lab, tmp)
         show_tunnel(lab, netns)
+        show_names(lab, dns_addr)
         banner("stopping")
     print("demo finished cleanly")
     return 0

@@ -191,7 +191,7 @@ class Lab:
         )
         logf.close()
         if wait:
-            self.wait_for(lambda: self.cli(name, "id") is not None, 20, f"{name} to start")
+            self.wait_for(self._answers(name), 20, f"{name} to start")
 
     def start_all(self, timeout: float = 20) -> None:
         for name in self.names:
@@ -267,7 +267,8 @@ class Lab:
                 server.wait(5)
 
     def _answers(self, name: str) -> Callable[[], bool]:
-        return lambda: self.cli(name, "id") is not None
+        # status needs the running node (id is answered from the files alone)
+        return lambda: self.cli(name, "status") is not None
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         node = self.nodes[name]
