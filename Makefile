@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages: the venv itself, netns/veth tools, unit verification, and the
 # real programs the end-to-end tests drive.
-DEB_TEST := python3-venv python3-dev iproute2 systemd iputils-ping iperf3 curl
+DEB_TEST := python3-venv python3-dev iproute2 systemd iputils-ping iperf3 curl nftables ethtool
 DEB_DEMO := python3-venv iproute2
 
 .PHONY: test demo lint typecheck clean debdeps-test debdeps-demo

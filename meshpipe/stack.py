@@ -66,6 +66,7 @@ from meshpipe.services.discovery import (
     ServiceDiscovery,
 )
 from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
+from meshpipe.trace import TraceHop, Tracer
 
 
 class SessionProtocol(Protocol):
@@ -85,6 +86,7 @@ class SessionProtocol(Protocol):
 
 
 _DISCOVERY_BYTE = wire.kind_byte(wire.KIND_DISCOVERY)
+_TRACE_BYTE = wire.kind_byte(wire.KIND_TRACE)
 PING_MAGIC = b"mpng"
 _PING = struct.Struct("!4sI")  # magic, sequence number; padding follows
 EPHEMERAL_PORTS = range(49152, 65536)
@@ -119,6 +121,7 @@ class NodeStack:
         discovery_timing: DiscoveryTiming | None = None,
         msp_params: MspParams | None = None,
         sharded: bool = False,
+        name: str = "",
     ) -> None:
         self.identity = identity
         self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
@@ -158,6 +161,12 @@ class NodeStack:
             mtu=min(p.mtu for p in self.core.interfaces),
             timing=discovery_timing,
         )
+        # Trace probes are answered here (and in the sim); the nonces need not be
+        # secret (replies are signed), only unpredictable enough not to collide.
+        trace_seed = (random_bytes if random_bytes is not None else os.urandom)(16)
+        self.trace = Tracer(
+            identity, self.core.fwd, random.Random(int.from_bytes(trace_seed)), name
+        )
 
     @property
     def sid(self) -> Sid:
@@ -173,6 +182,8 @@ class NodeStack:
                 self._counters["discovery.drop.unknown_neighbour"] += 1
                 return []
             return self._discovery_outs(self.discovery.on_message((iface, src), frame, now))
+        if frame[:1] == _TRACE_BYTE:
+            return self.trace.on_frame(frame, now)
         return self._process(self.core.on_frame(iface, src, frame, now), now)
 
     def on_timer(self, now: float) -> list[Action]:
@@ -184,6 +195,8 @@ class NodeStack:
             self._session_outs(self.session.on_timer(now), 0, now, out)
         if now >= self.discovery.next_deadline():
             out.extend(self._discovery_outs(self.discovery.on_timer(now)))
+        if now >= self.trace.next_deadline():
+            out.extend(self.trace.on_timer(now))
         for proto in self._protocols.values():
             if now >= proto.next_deadline():
                 for dst, plaintext in proto.on_timer(now):
@@ -202,6 +215,7 @@ class NodeStack:
             self.core.next_deadline(),
             math.inf if self.session is None else self.session.next_deadline(),
             self.discovery.next_deadline(),
+            self.trace.next_deadline(),
             *(p.next_deadline() for p in self._protocols.values()),
         )
 
@@ -304,6 +318,18 @@ class NodeStack:
 
     # -- services (discovery) -------------------------------------------------------------
 
+    def trace_start(self, dst: bytes, now: float, **kw: Any) -> int:
+        """Start a trace to ``dst`` (see meshpipe.trace); poll ``trace_result``."""
+        route = next((r for r in self.core.routes() if bytes(r.sid) == bytes(dst)), None)
+        hops = route.hops if route is not None else 1
+        return self.trace.start(dst, hops, now, **kw)
+
+    def trace_result(self, tid: int) -> list[TraceHop] | None:
+        return self.trace.result(tid)
+
+    def next_hop(self, dst: bytes) -> tuple[int, LinkAddr] | None:
+        return self.core.next_hop(dst)
+
     def announce_service(
         self,
         name: str,
@@ -368,6 +394,7 @@ class NodeStack:
             self.mdp.counters,
             self.discovery.counters,
             self.msp.counters,
+            self.trace.counters,
             self._counters,
         ):
             merged.update(c)

@@ -27,7 +27,9 @@ KIND_ROUTING = 2  # link-local: route updates and requests
 KIND_DATA = 3  # routed: end-to-end payload between two SIDs
 KIND_DISCOVERY = 4  # link-local: signed service records, flooded (meshpipe.services.discovery)
 
-KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY})
+KIND_TRACE = 5  # routed, answered by every hop: path probes (meshpipe.trace)
+
+KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY, KIND_TRACE})
 
 DATA_HEADER = struct.Struct("!BB32s32s")
 DATA_HEADER_LEN = DATA_HEADER.size  # 66 bytes

@@ -929,7 +929,7 @@ SERVICE_BAD: list[tuple[str, str, str, str]] = [
     ("host-name", svc("", '"localhost:80"'), "service[0].to", "not a numeric"),
     ("to-any", svc("", '"0.0.0.0:80"'), "service[0].to", "cannot be a service target"),
     ("port-0", svc("port = 0\n"), "service[0].port", "at least 1"),
-    ("kind", svc('kind = "udp"\n'), "service[0].kind", "must be one of tcp"),
+    ("kind", svc('kind = "sctp"\n'), "service[0].kind", "must be one of tcp, udp"),
     ("hidden-str", svc('hidden = "yes"\n'), "service[0].hidden", "true or false"),
     ("unknown-key", svc("allowed = []\n"), "service[0].allowed", "did you mean 'allow'"),
     (
@@ -991,3 +991,11 @@ SERVICE_BAD: list[tuple[str, str, str, str]] = [
 )
 def test_service_and_exit_bad_value(tmp_path: Path, text: str, key: str, reason: str) -> None:
     assert_error(tmp_path, text, key, reason)
+
+
+
+def test_udp_service_by_protocol(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, svc('protocol = "udp"\n')), cpu_count=4)
+    assert cfg.services[0].kind == "udp"
+    _, err = load_error(tmp_path, svc('protocol = "udp"\nkind = "tcp"\n'))
+    assert "protocol says" in str(err)

@@ -196,7 +196,7 @@ class Lab:
         for name in self.names:
             self.start(name, wait=False)
         for name in self.names:
-            self.wait_for(self._answers(name), 20, f"{name} to start")
+            self.wait_for(self._answers(name), 60, f"{name} to start")
 
     def _answers(self, name: str) -> Callable[[], bool]:
         return lambda: self.cli(name, "id") is not None
