@@ -5,29 +5,19 @@ in reliable mode, with the lateness of both printed."""
 from __future__ import annotations
 
 import json
-import os
-import struct
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
-from meshpipe_workers import nftloss
+from meshpipe_workers import livestream, nftloss
 from meshpipe_workers.labnet import BASE_PORT, Lab
 from tests.netns import require_root
 
 pytestmark = pytest.mark.netns
 
-RECORD = 160  # 20 ms of 64 kbit/s audio
-INTERVAL = 0.02
 SECONDS = 10.0
 BUDGET_MS = 200
-_HEAD = struct.Struct("!dI")  # send time (wall clock), record number
 WORKERS = "[workers]\ncrypto = 1\nudp_offload = false\n"
 
 
@@ -59,150 +49,32 @@ def lossy(lab: Lab) -> Iterator[Lab]:
             nftloss.clear_loss(lab.topo, name)
 
 
-def record(n: int) -> bytes:
-    body = _HEAD.pack(time.time(), n)
-    return body + _pad(n)
-
-
-def _pad(n: int) -> bytes:
-    return bytes([0xA0 | (n & 0x0F)]) * (RECORD - _HEAD.size)
-
-
-@dataclass
-class Received:
-    data: bytearray = field(default_factory=bytearray)
-    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (end offset, time)
-
-    def arrival(self, offset: int) -> float:
-        for end, t in self.arrivals:
-            if end >= offset:
-                return t
-        return float("inf")
-
-
-def _reader(fd: int, into: Received) -> None:
-    while chunk := os.read(fd, 65536):
-        into.data += chunk
-        into.arrivals.append((len(into.data), time.time()))
-
-
-def stream_once(
-    lab: Lab, port: int, connect_args: list[str]
-) -> tuple[Received, list[dict[str, Any]], int]:
-    """Send SECONDS of 160-byte records every 20 ms from A to D; what D's listener got."""
-    listener = lab.popen(
-        "d",
-        "msp",
-        "listen",
-        str(port),
-        "--gap-fill",
-        "zero",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    lab.wait_for(
-        lambda: any(s["port"] == port for s in lab.cli("d", "status")["listening"]),
-        10,
-        "the listener",
-    )
-    got = Received()
-    assert listener.stdout is not None
-    reader = threading.Thread(target=_reader, args=(listener.stdout.fileno(), got), daemon=True)
-    reader.start()
-    sender = lab.popen(
-        "a",
-        "msp",
-        "connect",
-        "-v",
-        *connect_args,
-        lab.nodes["d"].sid[:16],
-        str(port),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert sender.stdin is not None and sender.stderr is not None
-    # The budget runs from when the node takes the bytes: start once the stream is open.
-    assert sender.stderr.readline().startswith(b"connected ")
-    count = int(SECONDS / INTERVAL)
-    start = time.monotonic()
-    for n in range(count):
-        delay = start + n * INTERVAL - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        sender.stdin.write(record(n))
-        sender.stdin.flush()
-    sender.stdin.close()
-    assert sender.wait(60) == 0, sender.stderr.read() if sender.stderr else ""
-    assert listener.wait(60) == 0
-    reader.join(10)
-    assert listener.stderr is not None
-    lines = listener.stderr.read().decode().splitlines()
-    gaps = [json.loads(line) for line in lines if line.startswith("{")]
-    return got, gaps, count
-
-
-def lateness(got: Received, gaps: list[dict[str, Any]], count: int) -> list[float]:
-    """Seconds from send to delivery for every record no gap touched; checks them."""
-    holes = [(g["start"], g["end"]) for g in gaps]
-    late: list[float] = []
-    for n in range(count):
-        lo, hi = n * RECORD, (n + 1) * RECORD
-        if any(s < hi and e > lo for s, e in holes):
-            continue
-        rec = bytes(got.data[lo:hi])
-        sent, number = _HEAD.unpack_from(rec)
-        assert number == n and rec[_HEAD.size :] == _pad(n), f"record {n} damaged, no gap"
-        late.append(got.arrival(hi) - sent)
-    return late
-
-
-def _pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p * len(s)))] * 1000
-
-
 def test_deadline_stream_keeps_its_budget_through_lossy_links(lossy: Lab) -> None:
-    got, gaps, count = stream_once(
-        lossy, 5100, ["--mode", "deadline", "--budget-ms", str(BUDGET_MS)]
-    )
-    total = count * RECORD
-    assert all(g["event"] == "stream.gap" for g in gaps)
+    args = ["--mode", "deadline", "--budget-ms", str(BUDGET_MS)]
+    run = livestream.stream(lossy, "a", "d", 5100, args, SECONDS)
+    assert all(g["event"] == "stream.gap" for g in run.gaps)
     # --gap-fill zero keeps offsets: every byte is there, the gaps as zeros.
-    assert len(got.data) == total
-    for g in gaps:
-        assert 0 <= g["start"] < g["end"] <= total
-        assert got.data[g["start"] : g["end"]] == bytes(g["end"] - g["start"])
-    lost = sum(g["end"] - g["start"] for g in gaps)
-    late = lateness(got, gaps, count)
-    delivered = 1 - lost / total
+    assert len(run.got.data) == run.total
+    for g in run.gaps:
+        assert 0 <= g["start"] < g["end"] <= run.total
+        assert run.got.data[g["start"] : g["end"]] == bytes(g["end"] - g["start"])
+    late = run.lateness()  # also checks every record outside the gaps
     assert lossy.topo is not None
     drops = sum(nftloss.dropped(lossy.topo, n) for n in lossy.names)
-    print(
-        f"\ndeadline {BUDGET_MS} ms: delivered {100 * delivered:.1f}% of {total} bytes, "
-        f"{len(gaps)} gaps, lateness p50 {_pct(late, 0.5):.0f} ms "
-        f"p99 {_pct(late, 0.99):.0f} ms max {max(late) * 1000:.0f} ms; "
-        f"nftables dropped {drops} frames"
-    )
+    print(f"\ndeadline {BUDGET_MS} ms: {run.summary()}; nftables dropped {drops} frames")
     assert drops > 0
-    assert delivered >= 0.85
+    assert run.delivered >= 0.85
     # The budget is counted from when the sending node took the bytes; the CLI pipes
     # on both ends and a noisy 2-core machine get a generous allowance on top.
     assert max(late) <= BUDGET_MS / 1000 + 0.15
 
 
 def test_reliable_stream_on_the_same_path_is_late(lossy: Lab) -> None:
-    got, gaps, count = stream_once(lossy, 5101, ["--mode", "reliable"])
-    assert gaps == []
-    assert len(got.data) == count * RECORD
-    late = lateness(got, gaps, count)
-    over = sum(1 for t in late if t > BUDGET_MS / 1000)
-    print(
-        f"\nreliable: delivered 100% (in order, every byte), lateness p50 "
-        f"{_pct(late, 0.5):.0f} ms p99 {_pct(late, 0.99):.0f} ms max {max(late) * 1000:.0f} ms; "
-        f"{over} of {count} records later than {BUDGET_MS} ms"
-    )
+    run = livestream.stream(lossy, "a", "d", 5101, ["--mode", "reliable"], SECONDS)
+    assert run.gaps == []
+    assert len(run.got.data) == run.total
+    over = sum(1 for t in run.lateness() if t > BUDGET_MS / 1000)
+    print(f"\nreliable: {run.summary()}; {over} of {run.count} records later than {BUDGET_MS} ms")
 
 
 def test_trace_from_a_to_d_shows_b_then_c_then_d(lab: Lab) -> None:

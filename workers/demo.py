@@ -4,7 +4,9 @@ As root they live in network namespaces joined by veth pairs (198.18.0.0/15) and
 find each other by LAN multicast; otherwise they share loopback and use configured
 unicast peers. The demo prints what each node sees, then shows services: d exposes a
 web server to a only, a finds it by discovery and fetches through a forward, b is
-refused (and d logs it), and a file crosses the 3 hops on an MSP stream.
+refused (and d logs it), a file crosses the 3 hops on an MSP stream, a trace
+shows the path, and a deadline-mode stream keeps its budget through a lossy link
+(workers/demo_media.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meshpipe_workers.demo_media import NODE_CONFIG, show_live_stream, show_trace
 from meshpipe_workers.labnet import Lab
 
 NAMES = ["a", "b", "c", "d"]
@@ -147,7 +150,7 @@ def main() -> int:
     netns = os.geteuid() == 0
     with (
         tempfile.TemporaryDirectory(prefix="meshpipe-demo-") as tmp,
-        Lab(NAMES, tmp, netns=netns) as lab,
+        Lab(NAMES, tmp, netns=netns, extra_config=NODE_CONFIG) as lab,
     ):
         where = (
             "network namespaces linked by veth (198.18.0.0/15), multicast discovery"
@@ -179,7 +182,9 @@ def main() -> int:
         print(f"  a reaches d in {r['hops']} hops via {via} (b is {b_sid})")
         show_services(lab, tmp)
         show_stream(lab, tmp)
+        show_trace(lab, banner)
         show_tunnel(lab, netns)
+        show_live_stream(lab, banner)
         banner("stopping")
     print("demo finished cleanly")
     return 0

@@ -10,7 +10,7 @@ offloads off (:func:`offloads_off`).
 
 from __future__ import annotations
 
-from meshpipe_workers.netns import Topology
+from meshpipe_workers.netns import Link, Topology
 
 TABLE = "meshpipe_loss"
 
@@ -21,8 +21,11 @@ def _nft(topo: Topology, name: str, *args: str) -> None:
         raise RuntimeError(f"nft {' '.join(args)} in {name}: {res.stderr.strip()}")
 
 
-def add_udp_loss(topo: Topology, name: str, port: int, percent: int) -> None:
-    """Drop ``percent`` % of the UDP datagrams node ``name`` sends to ``port``."""
+def add_udp_loss(
+    topo: Topology, name: str, port: int, percent: int, towards: str | None = None
+) -> None:
+    """Drop ``percent`` % of the UDP datagrams node ``name`` sends to ``port`` (only
+    those on its link to node ``towards``, if given)."""
     if not 0 <= percent <= 100:
         raise ValueError("percent is 0-100")
     clear_loss(topo, name)
@@ -38,7 +41,16 @@ def add_udp_loss(topo: Topology, name: str, port: int, percent: int) -> None:
         "{ type filter hook output priority 0 ; }",
     )
     rule = f"udp dport {port} numgen random mod 100 < {percent} counter drop"
+    if towards is not None:
+        rule = f"oifname {link_between(topo, name, towards).ifname} {rule}"
     _nft(topo, name, "add", "rule", "inet", TABLE, "out", *rule.split())
+
+
+def link_between(topo: Topology, one: str, other: str) -> Link:
+    for link in topo.links:
+        if {link.left, link.right} == {one, other}:
+            return link
+    raise KeyError(f"no link between {one!r} and {other!r}")
 
 
 def clear_loss(topo: Topology, name: str) -> None:
@@ -62,4 +74,4 @@ def offloads_off(topo: Topology, name: str) -> None:
             topo.run(name, ["ethtool", "-K", link.ifname, "gso", "off", "tso", "off", "gro", "off"])
 
 
-__all__ = ["add_udp_loss", "clear_loss", "dropped", "offloads_off"]
+__all__ = ["add_udp_loss", "clear_loss", "dropped", "link_between", "offloads_off"]
