@@ -147,3 +147,11 @@ def test_replies_are_rate_limited() -> None:
     assert len(out) == 5
     assert tracer.counters["trace.drop.rate_limited"] == 15
     assert len(tracer.on_frame(encode_probe(bytes(BOB.sid), bytes(ALICE.sid), 99, 1), 1.0)) == 1
+
+
+def test_trace_over_radio_sized_links() -> None:
+    line = _line(mtu=255)  # a radio's 255-byte frames: replies (<= 189 bytes) still fit
+    line.stack("D").trace.name = "ä" * 64  # a long multi-byte name is cut, not broken
+    hops = _trace(line, "A", "D")
+    assert [h["sid"] for h in hops] == [line.sid(m).hex() for m in "BCD"]
+    assert hops[-1]["name"] == "ä" * 24
