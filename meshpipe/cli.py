@@ -256,6 +256,39 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0 if received else 1
 
 
+def _fmt_trace(d: dict[str, Any]) -> None:
+    rows = [
+        [
+            str(h["hop"]),
+            (h["sid"] or "*")[:16],
+            h["name"] or "-",
+            f"{100 * (h['sent'] - h['received']) / h['sent']:.0f}%" if h["sent"] else "-",
+            "*" if h["rtt_ms"] is None else f"{h['rtt_ms']:.2f}",
+            "*" if h["rtt_avg_ms"] is None else f"{h['rtt_avg_ms']:.2f}",
+        ]
+        for h in d["hops"]
+    ]
+    _print_table(rows, ["HOP", "SID", "NAME", "LOSS", "BEST_MS", "AVG_MS"])
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from meshpipe_workers.control_client import request
+
+    res = request(
+        _control_path(args),
+        "trace",
+        timeout=args.rounds * 0.3 + 10,
+        sid=args.target,
+        rounds=args.rounds,
+    )
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        _fmt_trace(res)
+    hops = res["hops"]
+    return 0 if hops and hops[-1]["sid"] == res["sid"] else 1
+
+
 def _fmt_sessions(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no sessions")
@@ -282,21 +315,30 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_msp(args: argparse.Namespace) -> int:
     """netcat over MSP: stdin goes to the stream, the stream to stdout."""
-    from meshpipe_workers.control_client import StreamReset, open_pipe, run_pipe
+    from meshpipe_workers.control_client import StreamReset, gap_reporter, open_pipe, run_pipe
 
     if args.msp_command == "connect":
         sock, info, pending = open_pipe(
-            _control_path(args), "msp.connect", sid=args.sid, port=args.port
+            _control_path(args),
+            "msp.connect",
+            sid=args.sid,
+            port=args.port,
+            mode=args.mode,
+            budget_ms=args.budget_ms,
         )
+        if args.verbose:
+            print(f"connected {info['mode']} stream {info['stream']}", file=sys.stderr, flush=True)
     else:
         allow = list(args.allow or [])
         sock, info, pending = open_pipe(
             _control_path(args), "msp.listen", port=args.port, allow=allow
         )
         if args.verbose:
-            print(f"accepted stream {info['stream']} from {info['sid']}", file=sys.stderr)
+            mode = info.get("mode", "reliable")
+            print(f"accepted {mode} stream {info['stream']} from {info['sid']}", file=sys.stderr)
+    on_gap = gap_reporter(sys.stdout.fileno(), sys.stderr, args.gap_fill == "zero")
     try:
-        run_pipe(sock, pending, sys.stdin.fileno(), sys.stdout.fileno())
+        run_pipe(sock, pending, sys.stdin.fileno(), sys.stdout.fileno(), on_gap)
     except StreamReset as exc:
         print(f"meshpipe: msp {args.msp_command}: {exc}", file=sys.stderr)
         return 1
@@ -366,14 +408,16 @@ def cmd_expose(args: argparse.Namespace) -> int:
         any=args.any,
         hidden=args.hidden,
         port=args.port,
+        udp=args.udp,
     )
     allow = info["allow"]
     who = "any node" if allow == "any" else f"{len(allow)} node(s)" if allow else "nobody yet"
+    proto = " (udp)" if info.get("protocol") == "udp" else ""
     _emit(
         args,
         info,
         lambda d: print(
-            f"exposed {d['name']} -> {d['to']} on MSP port {d['port']}, open to {who}"
+            f"exposed {d['name']} -> {d['to']}{proto} on MSP port {d['port']}, open to {who}"
             + (" (hidden from discovery)" if d["hidden"] else "")
         ),
     )
@@ -395,11 +439,17 @@ def _fmt_forward(d: dict[str, Any]) -> None:
         if found
         else "not discovered yet (looked up on each connection)"
     )
-    print(f"forwarding {d['listen']} -> {d['service']}: {where}")
+    proto = f" (udp, {d['mode']})" if d["kind"] == "udp-forward" else ""
+    print(f"forwarding {d['listen']} -> {d['service']}{proto}: {where}")
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
-    info = _ask(args, "forward", target=args.target, listen=args.listen, port=args.port)
+    extra: dict[str, Any] = {}
+    if args.udp:
+        extra = {"udp": True, "mode": args.mode, "budget_ms": args.budget_ms}
+    elif args.mode or args.budget_ms is not None:
+        raise MeshpipeError("forward: --mode and --budget-ms are for --udp forwards")
+    info = _ask(args, "forward", target=args.target, listen=args.listen, port=args.port, **extra)
     _emit(args, info, _fmt_forward)
     return 0
 
@@ -506,11 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", "-i", type=float, default=1.0)
     sp.add_argument("--size", "-s", type=int, default=0, help="payload bytes")
     sp.add_argument("--pattern", "-p", default="", help="hex bytes repeated as padding")
+    sp = node_cmd("trace", cmd_trace, "every hop on the path to a node: SID, name, RTT")
+    sp.add_argument("target", help="SID, unique SID prefix, or a name a trace has shown")
+    sp.add_argument("--rounds", "-n", type=int, default=3, help="probes per hop")
     node_cmd("streams", cmd_streams, "open MSP streams")
     node_cmd("services", cmd_services, "services known by discovery (and this node's own)")
     sp = node_cmd("expose", cmd_expose, "offer a local TCP service to the mesh as NAME")
     sp.add_argument("name")
-    sp.add_argument("--to", required=True, help="the local TCP target HOST:PORT")
+    sp.add_argument("--to", required=True, help="the local TCP (or UDP) target HOST:PORT")
+    sp.add_argument("--udp", action="store_true", help="a UDP service (datagram/deadline)")
     sp.add_argument("--allow", action="append", help="a whole SID that may use it (repeatable)")
     sp.add_argument("--any", action="store_true", help="open to every node")
     sp.add_argument("--hidden", action="store_true", help="serve it but do not announce it")
@@ -521,6 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", help="NAME, or NAME@SID (a SID or unique prefix)")
     sp.add_argument("--listen", required=True, help="local HOST:PORT to accept connections on")
     sp.add_argument("--port", type=int, help="the service's MSP port (for a hidden service)")
+    sp.add_argument(
+        "--udp", action="store_true", help="forward UDP datagrams (one flow each client)"
+    )
+    sp.add_argument(
+        "--mode",
+        choices=("datagram", "deadline"),
+        default=None,
+        help="--udp: datagram (default) or deadline (in order, late ones skipped)",
+    )
+    sp.add_argument("--budget-ms", type=int, default=None, help="--udp --mode deadline budget")
     node_cmd("forwards", cmd_forwards, "the node's forward and SOCKS listeners")
     sp = node_cmd("unforward", cmd_unforward, "stop a forward or SOCKS listener")
     sp.add_argument("port", type=int, help="its local TCP port")
@@ -544,6 +608,26 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("sid", help="destination SID or unique prefix (>= 8 hex characters)")
     cp.add_argument("port", type=int)
     cp.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
+    cp.add_argument(
+        "--mode",
+        choices=("reliable", "deadline", "datagram"),
+        default="reliable",
+        help="reliable (default), deadline (late bytes are skipped) or datagram",
+    )
+    cp.add_argument(
+        "--budget-ms",
+        type=int,
+        default=None,
+        help="deadline mode: how late a byte may arrive (default 200)",
+    )
+    cp.add_argument("-v", "--verbose", action="store_true", help="say when it is open (stderr)")
+    for sp_ in (lp, cp):
+        sp_.add_argument(
+            "--gap-fill",
+            choices=("none", "zero"),
+            default="none",
+            help="deadline mode: write zeros for skipped bytes (keeps byte offsets)",
+        )
     return p
 
 

@@ -144,7 +144,7 @@ class InterfaceConfig:
         return radio + (0 if self.hop_recovery == "off" else HOP_RECOVERY_OVERHEAD)
 
 
-SERVICE_KINDS: Final = ("tcp",)
+SERVICE_KINDS: Final = ("tcp", "udp")
 # MSP ports given to [[service]] tables without a port: hashed from the name into this
 # range (probing upwards on a clash), so a node offers a service on the same port on
 # every start and a forwarder can be told the port once.
@@ -743,7 +743,7 @@ def _section_exit(t: _Table) -> ExitSection:
     )
 
 
-_SERVICE_KEYS = ("name", "to", "port", "allow", "hidden", "kind")
+_SERVICE_KEYS = ("name", "to", "port", "allow", "hidden", "kind", "protocol")
 
 
 def _auto_port(name: str, taken: set[int]) -> int:
@@ -803,10 +803,19 @@ def _section_services(ctx: _Context, value: object) -> tuple[ServiceConfig, ...]
                 port=port,
                 allow=_acl(t, "allow"),
                 hidden=t.boolean("hidden", False),
-                kind=t.choice("kind", SERVICE_KINDS, "tcp"),
+                kind=_service_kind(t),
             )
         )
     return tuple(result)
+
+
+def _service_kind(t: _Table) -> str:
+    """``protocol = "udp"`` (or ``kind``, its older name): what the service carries."""
+    proto = t.choice("protocol", SERVICE_KINDS, "tcp")
+    kind = t.choice("kind", SERVICE_KINDS, proto)
+    if "protocol" in t.data and kind != proto:
+        raise t.error("kind", f"says {kind!r} but protocol says {proto!r}")
+    return kind
 
 
 _TUNNEL_ROUTE_KEYS = ("prefix", "via")

@@ -75,6 +75,7 @@ from meshpipe.services.discovery import (
     ServiceDiscovery,
 )
 from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
+from meshpipe.trace import TraceHop, Tracer
 
 
 class SessionProtocol(Protocol):
@@ -95,6 +96,7 @@ class SessionProtocol(Protocol):
 
 _DISCOVERY_BYTE = wire.kind_byte(wire.KIND_DISCOVERY)
 _NODE_BYTE = wire.kind_byte(wire.KIND_NODE)
+_TRACE_BYTE = wire.kind_byte(wire.KIND_TRACE)
 PING_MAGIC = b"mpng"
 _PING = struct.Struct("!4sI")  # magic, sequence number; padding follows
 EPHEMERAL_PORTS = range(49152, 65536)
@@ -132,6 +134,7 @@ class NodeStack:
         sharded: bool = False,
         node_name: str | None = None,
         node_timing: NodeRecordTiming | None = None,
+        name: str = "",
     ) -> None:
         self.identity = identity
         self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
@@ -182,6 +185,12 @@ class NodeStack:
             mtu=min(p.mtu for p in self.core.interfaces),
             timing=node_timing,
         )
+        # Trace probes are answered here (and in the sim); the nonces need not be
+        # secret (replies are signed), only unpredictable enough not to collide.
+        trace_seed = (random_bytes if random_bytes is not None else os.urandom)(16)
+        self.trace = Tracer(
+            identity, self.core.fwd, random.Random(int.from_bytes(trace_seed)), name
+        )
 
     @property
     def sid(self) -> Sid:
@@ -202,6 +211,8 @@ class NodeStack:
                 self._counters["noderec.drop.unknown_neighbour"] += 1
                 return []
             return self._node_outs(self.nodes.on_message((iface, src), frame, now))
+        if frame[:1] == _TRACE_BYTE:
+            return self.trace.on_frame(frame, now)
         return self._process(self.core.on_frame(iface, src, frame, now), now, (iface, src))
 
     def on_timer(self, now: float) -> list[Action]:
@@ -216,6 +227,8 @@ class NodeStack:
         if now >= self.nodes.next_deadline():
             links = [NodeLink(bytes(n.sid), n.cost, (n.iface, n.addr)) for n in self.neighbours()]
             out.extend(self._node_outs(self.nodes.on_timer(now, links)))
+        if now >= self.trace.next_deadline():
+            out.extend(self.trace.on_timer(now))
         for proto in self._protocols.values():
             if now >= proto.next_deadline():
                 for dst, plaintext in proto.on_timer(now):
@@ -235,6 +248,7 @@ class NodeStack:
             math.inf if self.session is None else self.session.next_deadline(),
             self.discovery.next_deadline(),
             self.nodes.next_deadline(),
+            self.trace.next_deadline(),
             *(p.next_deadline() for p in self._protocols.values()),
         )
 
@@ -336,6 +350,18 @@ class NodeStack:
         return out
 
     # -- services (discovery) -------------------------------------------------------------
+
+    def trace_start(self, dst: bytes, now: float, **kw: Any) -> int:
+        """Start a trace to ``dst`` (see meshpipe.trace); poll ``trace_result``."""
+        route = next((r for r in self.core.routes() if bytes(r.sid) == bytes(dst)), None)
+        hops = route.hops if route is not None else 1
+        return self.trace.start(dst, hops, now, **kw)
+
+    def trace_result(self, tid: int) -> list[TraceHop] | None:
+        return self.trace.result(tid)
+
+    def next_hop(self, dst: bytes) -> tuple[int, LinkAddr] | None:
+        return self.core.next_hop(dst)
 
     def announce_service(
         self,
@@ -441,6 +467,7 @@ class NodeStack:
             self.discovery.counters,
             self.nodes.counters,
             self.msp.counters,
+            self.trace.counters,
             self._counters,
         ):
             merged.update(c)

@@ -32,8 +32,10 @@ KIND_NODE = 6  # link-local: signed node records (name, neighbours), flooded (me
 # (meshpipe.link.recovery). The link shells unwrap it, so the core never sees one.
 KIND_LINK = 5
 
+KIND_TRACE = 7  # routed, answered by every hop: path probes (meshpipe.trace)
+
 # what the core takes
-KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY, KIND_NODE})
+KINDS = frozenset({KIND_HELLO, KIND_ROUTING, KIND_DATA, KIND_DISCOVERY, KIND_NODE, KIND_TRACE})
 
 DATA_HEADER = struct.Struct("!BB32s32s")
 DATA_HEADER_LEN = DATA_HEADER.size  # 66 bytes

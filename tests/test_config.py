@@ -931,7 +931,7 @@ SERVICE_BAD: list[tuple[str, str, str, str]] = [
     ("host-name", svc("", '"localhost:80"'), "service[0].to", "not a numeric"),
     ("to-any", svc("", '"0.0.0.0:80"'), "service[0].to", "cannot be a service target"),
     ("port-0", svc("port = 0\n"), "service[0].port", "at least 1"),
-    ("kind", svc('kind = "udp"\n'), "service[0].kind", "must be one of tcp"),
+    ("kind", svc('kind = "sctp"\n'), "service[0].kind", "must be one of tcp, udp"),
     ("hidden-str", svc('hidden = "yes"\n'), "service[0].hidden", "true or false"),
     ("unknown-key", svc("allowed = []\n"), "service[0].allowed", "did you mean 'allow'"),
     (
@@ -1067,3 +1067,11 @@ def test_dns_is_off_by_default_and_takes_a_listen_address(tmp_path: Path) -> Non
     assert cfg.dns.listen == ("127.0.0.1", 5353)
     assert_error(tmp_path, MINIMAL + '[dns]\nlisten = "localhost:53"\n', "dns.listen", "numeric")
     assert_error(tmp_path, MINIMAL + "[dns]\nport = 53\n", "dns.port", "unknown key")
+
+
+
+def test_udp_service_by_protocol(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, svc('protocol = "udp"\n')), cpu_count=4)
+    assert cfg.services[0].kind == "udp"
+    _, err = load_error(tmp_path, svc('protocol = "udp"\nkind = "tcp"\n'))
+    assert "protocol says" in str(err)

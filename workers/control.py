@@ -45,7 +45,8 @@ from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
 from meshpipe_workers.services import Services
 from meshpipe_workers.stopflag import StopFlag
-from meshpipe_workers.streams import StreamHub, reset_reason
+from meshpipe_workers.streams import StreamHub, reset_reason, stream_mode
+from meshpipe_workers.trace_jobs import TraceJobs
 from meshpipe_workers.tun import tunnel_status
 from meshpipe_workers.txrings import FrameSender, flush_batches
 
@@ -255,6 +256,7 @@ class ControlWorker:
             msp_params=cfg.limits.msp_params(),
             sharded=True,  # sessions live in the crypto workers
             node_name=cfg.node.name,
+            name=cfg.node.name or "",  # told to whoever traces a path through us
         )
         self.pings: list[PingJob] = []
         self.counters: Counter[str] = Counter()
@@ -284,6 +286,7 @@ class ControlWorker:
 
         self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
         self.hub = StreamHub(self.sel, time.monotonic)
+        self.traces = TraceJobs(self.core, self.server.write_line, self.known_sids)
         # Exposed services, forwards, SOCKS and the exit (workers/services.py).
         self.services = Services(
             self.core, self.hub, self.sel, cfg, self.execute, time.monotonic, self.known_sids
@@ -439,6 +442,8 @@ class ControlWorker:
             return self.api_resolve(req)
         if cmd == "ping":
             return self.api_ping(req)
+        if cmd == "trace":
+            return Deferred(self.traces.request(req))
         if cmd == "msp.connect":
             return self.api_msp_connect(req)
         if cmd == "msp.listen":
@@ -543,15 +548,27 @@ class ControlWorker:
     def api_msp_connect(self, req: dict[str, Any]) -> Deferred:
         dst = resolve_sid(str(req.get("sid", "")), self.known_sids())
         port = _port(req.get("port"))
+        mode, budget = stream_mode(req)
         if dst == self.identity.sid:
             raise MeshpipeError("msp connect: that is this node's own SID")
 
         def start(conn: socket.socket) -> None:
-            stream = self.core.msp.open(dst, port, time.monotonic())
-            self.log.info("stream.open", stream=str(stream.id), port=port, direction="out")
+            stream = self.core.msp.open(dst, port, time.monotonic(), mode, budget)
+            self.log.info(
+                "stream.open",
+                stream=str(stream.id),
+                port=port,
+                mode=mode.name.lower(),
+                direction="out",
+            )
 
             def opened(st: Stream) -> None:
-                info = {"stream": str(st.id), "sid": dst.hex(), "port": port}
+                info = {
+                    "stream": str(st.id),
+                    "sid": dst.hex(),
+                    "port": port,
+                    "mode": st.mode.name.lower(),
+                }
                 if self.server.write_line(conn, {"ok": True, "result": info}):
                     self.hub.attach(conn, st, framed=True)
                 else:
@@ -597,7 +614,13 @@ class ControlWorker:
                 self.hub.acceptors.pop(port, None)
                 msp.unlisten(port)  # like nc -l: one stream per listen
                 self.sel.unregister(conn)
-                info = {"stream": str(st.id), "sid": st.peer.hex(), "port": port}
+                info = {
+                    "stream": str(st.id),
+                    "sid": st.peer.hex(),
+                    "port": port,
+                    "mode": st.mode.name.lower(),
+                    "budget_ms": round(st.budget * 1000),
+                }
                 if self.server.write_line(conn, {"ok": True, "result": info}):
                     self.hub.attach(conn, st, framed=True)
                 else:
@@ -732,7 +755,7 @@ class ControlWorker:
                 self._ping_deadline(),
                 self.services.next_deadline(),
             )
-            if self.pings:
+            if self.pings or self.traces.jobs:
                 wake = min(wake, now + 0.05)  # replies and timeouts are checked on wake-ups
             for key, _ in self.sel.select(max(0.0, min(wake - now, 1.0))):
                 key.data()
@@ -745,6 +768,8 @@ class ControlWorker:
             if self.pings:
                 self._service_pings(now)
             self.services.on_timer(now)
+            if self.traces.jobs:
+                self.traces.poll()
             events = self.core.msp.events()
             if events:
                 self.hub.dispatch(self.services.filter(events))

@@ -7,7 +7,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from meshpipe.errors import MeshpipeError
@@ -127,9 +127,16 @@ def open_pipe(path: str, cmd: str, **args: Any) -> tuple[socket.socket, dict[str
         raise
 
 
-def run_pipe(s: socket.socket, pending: bytes, stdin_fd: int, stdout_fd: int) -> None:
+def run_pipe(
+    s: socket.socket,
+    pending: bytes,
+    stdin_fd: int,
+    stdout_fd: int,
+    on_gap: Callable[[int, int], None] | None = None,
+) -> None:
     """Copy stdin to the stream (EOF half-closes it) and the stream to stdout until the
-    node reports the stream closed; raises StreamReset if it was reset."""
+    node reports the stream closed; raises StreamReset if it was reset. A deadline-mode
+    stream's skipped ranges go to ``on_gap(start, end)`` at their place in the stream."""
 
     def pump_stdin() -> None:
         try:
@@ -159,6 +166,9 @@ def run_pipe(s: socket.socket, pending: bytes, stdin_fd: int, stdout_fd: int) ->
                     return
                 if "reset" in trailer:
                     raise StreamReset(f"stream reset ({trailer['reset']})")
+                gap = trailer.get("gap")
+                if on_gap is not None and isinstance(gap, list) and len(gap) == 2:
+                    on_gap(int(gap[0]), int(gap[1]))
                 continue  # {"eof": true}: the peer is done sending; ours may continue
             if len(buf) < _FRAME.size + n:
                 break
@@ -171,6 +181,22 @@ def run_pipe(s: socket.socket, pending: bytes, stdin_fd: int, stdout_fd: int) ->
         buf += chunk
 
 
+def gap_reporter(
+    stdout_fd: int, stderr: Any, fill_zero: bool
+) -> Callable[[int, int], None]:
+    """What ``msp connect/listen`` does with a gap: one JSON line on stderr, and with
+    ``--gap-fill zero`` as many zero bytes on stdout (byte offsets are kept)."""
+
+    def on_gap(start: int, end: int) -> None:
+        print(json.dumps({"event": "stream.gap", "start": start, "end": end}), file=stderr)
+        stderr.flush()
+        if fill_zero:
+            for off in range(start, end, 65536):
+                _write_all(stdout_fd, bytes(min(65536, end - off)))
+
+    return on_gap
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -181,6 +207,7 @@ def _write_all(fd: int, data: bytes) -> None:
 __all__ = [
     "NodeNotRunning",
     "StreamReset",
+    "gap_reporter",
     "open_pipe",
     "request",
     "request_stream",

@@ -4,9 +4,11 @@ As root they live in network namespaces joined by veth pairs (198.18.0.0/15) and
 find each other by LAN multicast; otherwise they share loopback and use configured
 unicast peers. The demo prints what each node sees, then shows services: d exposes a
 web server to a only, a finds it by discovery and fetches through a forward, b is
-refused (and d logs it), and a file crosses the 3 hops on an MSP stream. Then names:
-a's DNS responder answers d.mesh, `meshpipe resolve d`, and the mesh's topology from
-the node records (an SVG picture when Graphviz's dot is installed).
+refused (and d logs it), a file crosses the 3 hops on an MSP stream, a trace
+shows the path, and a deadline-mode stream keeps its budget through a lossy link
+(workers/demo_media.py). Then names: a's DNS responder answers d.mesh, `meshpipe
+resolve d`, and the mesh's topology from the node records (an SVG picture when
+Graphviz's dot is installed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meshpipe_workers.demo_media import NODE_CONFIG, show_live_stream, show_trace
 from meshpipe_workers.labnet import Lab
 
 NAMES = ["a", "b", "c", "d"]
@@ -197,7 +200,7 @@ def main() -> int:
     netns = os.geteuid() == 0
     with (
         tempfile.TemporaryDirectory(prefix="meshpipe-demo-") as tmp,
-        Lab(NAMES, tmp, netns=netns) as lab,
+        Lab(NAMES, tmp, netns=netns, extra_config=NODE_CONFIG) as lab,
     ):
         where = (
             "network namespaces linked by veth (198.18.0.0/15), multicast discovery"
@@ -230,7 +233,9 @@ def main() -> int:
         print(f"  a reaches d in {r['hops']} hops via {via} (b is {b_sid})")
         show_services(lab, tmp)
         show_stream(lab, tmp)
+        show_trace(lab, banner)
         show_tunnel(lab, netns)
+        show_live_stream(lab, banner)
         show_names(lab, dns_addr)
         banner("stopping")
     print("demo finished cleanly")

@@ -43,7 +43,7 @@ from meshpipe.actions import Action
 from meshpipe.config import Config, _auto_port, format_hostport, parse_hostport
 from meshpipe.errors import MeshpipeError
 from meshpipe.identity import resolve_sid
-from meshpipe.msp import MspEvent, ResetCode, Stream, StreamClosed, StreamRefused
+from meshpipe.msp import Mode, MspEvent, ResetCode, Stream, StreamClosed, StreamRefused
 from meshpipe.services import proxy_wire, socks5
 from meshpipe.services.acl import Acl
 from meshpipe.services.choose import (
@@ -58,7 +58,9 @@ from meshpipe.services.choose import (
 )
 from meshpipe.services.exit_policy import ExitPolicy
 from meshpipe.stack import NodeStack
-from meshpipe_workers.streams import StreamHub, StreamPipe
+from meshpipe_workers.exposed import Exposed
+from meshpipe_workers.streams import StreamHub, StreamPipe, stream_mode
+from meshpipe_workers.udp_services import UDP_KIND, UdpExposed, UdpServices
 
 CONNECT_TIMEOUT = 10.0  # a TCP target that has not answered by then is unreachable
 LOOKUP_WAIT = 3.0  # a forward connection waits this long for discovery to find its node
@@ -265,25 +267,6 @@ class Connector:
 # -- what the node offers and uses --------------------------------------------------------
 
 
-@dataclass
-class Exposed:
-    name: str
-    to: tuple[str, int]
-    port: int
-    acl: Acl
-    hidden: bool
-    kind: str = "tcp"
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "to": format_hostport(self.to),
-            "port": self.port,
-            "allow": self.acl.as_config(),
-            "hidden": self.hidden,
-        }
-
-
 def _check_sid_text(text: str) -> None:
     """A typed @SID / --via: a whole SID (64 hex characters) or a prefix of 8 or more."""
     t = text.strip().lower()
@@ -414,9 +397,13 @@ class Services:
         self._nb_count = 0
         self._nb_check = 0.0
         self._reannounce_at = math.inf
+        self.udp = UdpServices(self)
         now = clock()
         for s in cfg.services:
-            self.expose(s.name, s.to, s.port, s.allow, s.hidden, now)
+            if s.kind == UDP_KIND:
+                self.udp.expose((s.name, s.to, s.port, s.allow, s.hidden), now)
+            else:
+                self.expose(s.name, s.to, s.port, s.allow, s.hidden, now)
         if cfg.exit.enabled:
             self.enable_exit(cfg.exit.allow, now)
 
@@ -427,7 +414,14 @@ class Services:
         if cmd == "services":
             return self.services(now)
         if cmd == "forwards":
-            return [lst.as_json() for lst in self.listeners.values()]
+            rows = [lst.as_json() for lst in self.listeners.values()]
+            return rows + [f.as_json() for f in self.udp.forwards.values()]
+        if cmd in ("expose", "forward") and req.get("udp"):
+            return self._handle_udp(cmd, req, now)
+        if cmd == "unexpose" and str(req.get("name", "")) in self.udp.exposed:
+            return self.udp.unexpose(str(req.get("name", "")), now)
+        if cmd == "unforward" and req.get("port") in self.udp.forwards:
+            return self.udp.remove_forward(int(req["port"]))
         if cmd == "expose":
             to = _hostport(req.get("to"))
             port = req.get("port")
@@ -450,10 +444,29 @@ class Services:
             return self.enable_exit(_acl_from(req), now)
         raise ServicesError(f"unknown command {cmd!r}")
 
+    def _handle_udp(self, cmd: str, req: dict[str, Any], now: float) -> Any:
+        port = req.get("port")
+        if port is not None and (not isinstance(port, int) or not 1 <= port <= 65535):
+            raise ServicesError(f"MSP port must be 1-65535, not {port!r}")
+        if cmd == "expose":
+            to = _hostport(req.get("to"))
+            name = str(req.get("name", ""))
+            spec = (name, to, port, _acl_from(req), bool(req.get("hidden")))
+            return self.udp.expose(spec, now).as_json()
+        try:
+            target = parse_target(str(req.get("target", "")))
+        except TargetError as exc:
+            raise ServicesError(str(exc)) from None
+        if target.sid is not None and len(target.sid) < 8:
+            raise ServicesError("a SID prefix needs at least 8 hex characters")
+        mode, budget = stream_mode(req, Mode.DATAGRAM)
+        listen = _hostport(req.get("listen"))
+        return self.udp.add_forward(target.name, target.sid, listen, port, mode, budget, now)
+
     def filter(self, events: list[MspEvent]) -> list[MspEvent]:
         """Take the events of streams we are handshaking on; pass the rest to the hub."""
         out: list[MspEvent] = []
-        for ev in events:
+        for ev in self.udp.filter(events):
             if isinstance(ev, StreamRefused):
                 name = self._port_name(ev.port)
                 if name is not None and ev.code is ResetCode.DENIED:
@@ -473,7 +486,7 @@ class Services:
         t = self._reannounce_at
         if self.waiting or self.socks_waiting or self.connecting:
             t = min(t, self.now() + 0.1)
-        return min(t, self._nb_check)
+        return min(t, self._nb_check, self.udp.next_deadline())
 
     def on_timer(self, now: float) -> None:
         if now >= self._nb_check:
@@ -485,6 +498,7 @@ class Services:
         if now >= self._reannounce_at:
             self._reannounce_at = math.inf
             self._reannounce(now)
+        self.udp.on_timer(now)
         for c in list(self.connecting):
             c.expire(now)
         if self.waiting:
@@ -498,6 +512,7 @@ class Services:
             self.sel.unregister(lst.sock)
             lst.sock.close()
         self.listeners.clear()
+        self.udp.close()
         self.resolver.close()
 
     # -- discovery ---------------------------------------------------------------------------
@@ -525,7 +540,8 @@ class Services:
     def _reannounce(self, now: float) -> None:
         # Our first announcements went out before any neighbour could accept them;
         # a new neighbour hears them now instead of at the next refresh.
-        for svc in self.exposed.values():
+        every: list[Exposed | UdpExposed] = [*self.exposed.values(), *self.udp.exposed.values()]
+        for svc in every:
             if not svc.hidden:
                 self._announce(svc.name, svc.port, svc.kind, False, now)
         if self.exit_acl is not None:
@@ -539,9 +555,21 @@ class Services:
     def _port_name(self, port: int) -> str | None:
         if port == PROXY_PORT and self.exit_acl is not None:
             return PROXY_NAME
-        return next((s.name for s in self.exposed.values() if s.port == port), None)
+        every: list[Exposed | UdpExposed] = [*self.exposed.values(), *self.udp.exposed.values()]
+        return next((s.name for s in every if s.port == port), None)
 
     # -- expose ------------------------------------------------------------------------------
+
+    def claim(self, name: str, port: int | None) -> int:
+        """The MSP port for a new service ``name`` (TCP or UDP): checked or derived."""
+        if name in self.exposed or name in self.udp.exposed or name == PROXY_NAME:
+            raise ServicesError(f"a service named {name!r} is already exposed")
+        msp = self.core.msp
+        if port is None:
+            port = _auto_port(name, set(msp.listening()) | {PROXY_PORT})
+        if msp.is_listening(port):
+            raise ServicesError(f"MSP port {port} is already in use on this node")
+        return port
 
     def expose(
         self,
@@ -552,13 +580,8 @@ class Services:
         hidden: bool,
         now: float,
     ) -> Exposed:
-        if name in self.exposed or name == PROXY_NAME:
-            raise ServicesError(f"a service named {name!r} is already exposed")
+        port = self.claim(name, port)
         msp = self.core.msp
-        if port is None:
-            port = _auto_port(name, set(msp.listening()) | {PROXY_PORT})
-        if msp.is_listening(port):
-            raise ServicesError(f"MSP port {port} is already in use on this node")
         svc = Exposed(name, to, port, acl, hidden)
         # The announcement is checked (name, size) before the port is taken.
         self._announce(name, port, svc.kind, hidden, now)
@@ -675,6 +698,7 @@ class Services:
 
     def _resolve_forward(self, lst: Listener, now: float) -> tuple[bytes, int] | None:
         assert lst.service is not None
+        rows = [r for r in self.core.services(now) if r["kind"] != UDP_KIND]
         sid: bytes | None = None
         if lst.sid is not None:
             sid = self._pin(lst, now)
@@ -682,7 +706,22 @@ class Services:
                 return None
             if lst.port is not None:
                 return sid, lst.port
-        return pick_service(self.core.services(now), lst.service, sid, self.own)
+        return pick_service(rows, lst.service, sid, self.own)
+
+    def find_service(
+        self, rows: list[dict[str, Any]], name: str, sid_text: str | None, port: int | None
+    ) -> tuple[bytes, int] | None:
+        """(node, MSP port) for a forward to ``name`` (``@sid_text``, ``--port``)."""
+        sid: bytes | None = None
+        if sid_text is not None:
+            known = self.known_sids() | {bytes.fromhex(r["sid"]) for r in rows}
+            try:
+                sid = bytes(resolve_sid(sid_text, known))
+            except MeshpipeError:
+                return None
+            if port is not None:
+                return sid, port
+        return pick_service(rows, name, sid, self.own)
 
     def _forward_conn(self, conn: socket.socket, lst: Listener, now: float) -> None:
         found = self._resolve_forward(lst, now)

@@ -16,6 +16,14 @@ framed so the CLI can tell a clean end from a reset: ``u32 length + bytes`` chun
 and trailers ``0xFFFFFFFF`` + ``u32 length`` + JSON: ``{"eof": true}`` when the peer
 has finished sending, then ``{"closed": true}`` once the stream has closed cleanly
 (the CLI's own bytes are all delivered), or ``{"reset": "refused"}`` and the like.
+A deadline-mode stream adds ``{"gap": [start, end]}`` trailers in stream order: the
+bytes [start, end) were skipped and the next chunk continues at ``end``.
+
+Datagram-mode streams carry messages, not bytes: each socket read (at most the
+stream's largest message) is one datagram, each datagram received is one chunk (a
+framed pipe keeps the boundaries; an unframed one, a UDP bridge's job, does not use
+this class). The end of a datagram stream is a reset with ABORTED (it has no FIN),
+so a framed pipe reports it as ``{"closed": true}``.
 
 :class:`StreamHub` owns the pipes and listeners and routes Msp events to them.
 """
@@ -30,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from meshpipe import log
+from meshpipe.errors import MeshpipeError
 from meshpipe.msp import (
     MspEvent,
     Stream,
@@ -42,7 +51,7 @@ from meshpipe.msp import (
     StreamRefused,
     StreamWritable,
 )
-from meshpipe.msp.wire import ResetCode
+from meshpipe.msp.wire import Mode, ResetCode
 
 CHUNK = 256 * 1024
 FRAME = struct.Struct("!I")
@@ -57,6 +66,23 @@ def frame_chunk(data: bytes) -> bytes:
 def frame_trailer(obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj).encode()
     return FRAME.pack(TRAILER) + FRAME.pack(len(body)) + body
+
+
+def stream_mode(req: dict[str, Any], default: Mode = Mode.RELIABLE) -> tuple[Mode, float | None]:
+    """The ``mode`` and ``budget_ms`` of a control request: (Mode, budget in s or None)."""
+    name = req.get("mode") or default.name.lower()
+    try:
+        mode = Mode[str(name).upper()]
+    except KeyError:
+        raise MeshpipeError(f"mode must be reliable, deadline or datagram, not {name!r}") from None
+    raw = req.get("budget_ms")
+    if raw is None:
+        return mode, None
+    if mode is not Mode.DEADLINE:
+        raise MeshpipeError("--budget-ms is for deadline mode")
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 1 <= raw <= 60000:
+        raise MeshpipeError(f"budget_ms must be 1-60000, not {raw!r}")
+    return mode, raw / 1000.0
 
 
 def reset_reason(code: ResetCode | None) -> str:
@@ -90,6 +116,7 @@ class StreamPipe:
         self.trailer_sent = False
         self.bytes_in = 0  # socket -> stream
         self.bytes_out = 0  # stream -> socket
+        self.next_offset = 0  # deadline mode: the stream offset the socket expects next
         sock.setblocking(False)
         self.events = 0
         self._update_interest()
@@ -108,12 +135,13 @@ class StreamPipe:
 
     def _read_socket(self, now: float) -> None:
         st = self.stream
+        dgram = st.mode is Mode.DATAGRAM  # one socket read = one datagram
         while not self.sock_eof and not self.closed:
             room = st.write_space
             if room <= 0:
                 return
             try:
-                data = self.sock.recv(min(room, CHUNK))
+                data = self.sock.recv(st.params.max_message if dgram else min(room, CHUNK))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -121,10 +149,15 @@ class StreamPipe:
                 return
             if not data:
                 self.sock_eof = True
-                st.shutdown(now)
+                if dgram:
+                    st.flush(now)  # the queued datagrams leave before the closing RST
+                st.shutdown(now)  # FIN; a datagram stream closes (RST ABORTED to the peer)
                 return
             self.bytes_in += len(data)
-            st.write(data, now)
+            if dgram:
+                st.send_datagram(data, now)
+            else:
+                st.write(data, now)
 
     def _flush_out(self, now: float) -> None:
         while self.out and not self.closed:
@@ -145,13 +178,25 @@ class StreamPipe:
         """Move stream bytes to the socket while it keeps up; after the stream's
         end, the EOF (a shutdown, or a trailer when framed) and the closing trailer."""
         st = self.stream
+        if st.mode is Mode.DATAGRAM:
+            while not self.closed and not self.out and (msg := st.recv_datagram()) is not None:
+                self.bytes_out += len(msg)
+                self.out += frame_chunk(msg) if self.framed else msg
+                self._flush_out_once(now)
         while not self.closed and not self.out and st.readable_bytes:
-            data = st.read(CHUNK)
-            self.bytes_out += len(data)
-            self.out += frame_chunk(data) if self.framed else data
+            for offset, data in st.read_chunks(CHUNK):
+                if offset > self.next_offset:
+                    self._gap(self.next_offset, offset)
+                self.next_offset = offset + len(data)
+                self.bytes_out += len(data)
+                self.out += frame_chunk(data) if self.framed else data
             self._flush_out_once(now)
         if not self.closed and not self.out and not st.readable_bytes:
             if st.eof and not self.sent_shut:
+                for gap in st.gaps:  # a gap just before the FIN has no chunk after it
+                    if gap.end > self.next_offset:
+                        self._gap(max(gap.start, self.next_offset), gap.end)
+                        self.next_offset = gap.end
                 self.sent_shut = True
                 if self.framed:  # the connection stays open for the closing trailer
                     self.out += frame_trailer({"eof": True})
@@ -168,6 +213,11 @@ class StreamPipe:
             self._shut_write()
         self._maybe_finished(now)
         self._update_interest()
+
+    def _gap(self, start: int, end: int) -> None:
+        """Bytes [start, end) will never come: a trailer tells a framed pipe's CLI."""
+        if self.framed:
+            self.out += frame_trailer({"gap": [start, end]})
 
     def _flush_out_once(self, now: float) -> None:
         try:
@@ -192,6 +242,8 @@ class StreamPipe:
         queue outlives it), then the end: a trailer when framed; for TCP a clean
         close, or at once a TCP reset when the stream was reset."""
         self.stream_gone = True
+        if code is ResetCode.ABORTED and self.stream.mode is Mode.DATAGRAM:
+            code = None  # how a datagram stream ends: the peer is done, not failed
         self.close_code = code
         if code is not None and not self.framed:
             if self.sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -338,4 +390,12 @@ class StreamHub:
         )
 
 
-__all__ = ["CHUNK", "TRAILER", "StreamHub", "StreamPipe", "frame_chunk", "frame_trailer"]
+__all__ = [
+    "CHUNK",
+    "TRAILER",
+    "StreamHub",
+    "StreamPipe",
+    "frame_chunk",
+    "frame_trailer",
+    "stream_mode",
+]
