@@ -32,6 +32,7 @@ from meshpipe.link.recovery import MODES as HOP_RECOVERY_MODES
 from meshpipe.link.recovery import OVERHEAD as HOP_RECOVERY_OVERHEAD
 from meshpipe.msp import MspParams
 from meshpipe.node import MIN_MTU as CORE_MIN_MTU
+from meshpipe.node import Limits as CoreLimits
 from meshpipe.services.acl import Acl, AclError
 from meshpipe.services.discovery import MAX_LIFETIME as MAX_SERVICE_LIFETIME
 from meshpipe.services.discovery import DiscoveryLimits, ServiceError, check_name
@@ -227,6 +228,18 @@ class LimitsSection:
     # MSP: bytes of datagram fragments waiting for the rest of their message
     max_reassembly_bytes: int = MspParams.max_reassembly
     max_reassembly_bytes_per_peer: int = MspParams.max_reassembly_per_peer
+    # routing: origins in the route table, of them brought in by one neighbour, and
+    # neighbours per interface
+    max_routes: int = CoreLimits.max_routes
+    max_routes_per_neighbour: int = CoreLimits.max_routes_per_neighbour
+    max_neighbours: int = CoreLimits.max_neighbours
+
+    def core_limits(self) -> CoreLimits:
+        return CoreLimits(
+            max_routes=self.max_routes,
+            max_routes_per_neighbour=self.max_routes_per_neighbour,
+            max_neighbours=self.max_neighbours,
+        )
 
     def discovery_limits(self) -> DiscoveryLimits:
         return DiscoveryLimits(
@@ -881,6 +894,9 @@ _LIMIT_KEYS = (
     "max_syn_streams_per_peer",
     "max_reassembly_bytes",
     "max_reassembly_bytes_per_peer",
+    "max_routes",
+    "max_routes_per_neighbour",
+    "max_neighbours",
 )
 
 
@@ -892,6 +908,7 @@ def _section_limits(t: _Table) -> LimitsSection:
         ("max_service_records_per_neighbour", "max_service_records"),
         ("max_syn_streams_per_peer", "max_syn_streams"),
         ("max_reassembly_bytes_per_peer", "max_reassembly_bytes"),
+        ("max_routes_per_neighbour", "max_routes"),
     ):
         if v[part] > v[whole]:
             raise t.error(part, f"must not exceed {whole} ({v[whole]}), got {v[part]}")

@@ -65,7 +65,7 @@ from meshpipe.mdp import (
 )
 from meshpipe.msp import PROTO_MSP, Msp, MspParams
 from meshpipe.names import Claimant, claimants
-from meshpipe.node import InterfaceParams, NeighbourInfo, NodeCore, RouteInfo, Timing
+from meshpipe.node import InterfaceParams, Limits, NeighbourInfo, NodeCore, RouteInfo, Timing
 from meshpipe.noderecord import NodeLink, NodeRecord, NodeRecords, NodeRecordTiming
 from meshpipe.services.discovery import (
     AttrValue,
@@ -135,9 +135,12 @@ class NodeStack:
         node_name: str | None = None,
         node_timing: NodeRecordTiming | None = None,
         name: str = "",
+        limits: Limits | None = None,
     ) -> None:
         self.identity = identity
-        self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng)
+        self.core = NodeCore(
+            identity, interfaces, timing or Timing(), now, rng, limits or Limits()
+        )
         session_rng = random.Random(self.core.rng.getrandbits(64))
         # Sharded: the sessions live in crypto shards (meshpipe/dataplane.py); this
         # stack emits Seal/Open actions for them and takes their plaintexts back

@@ -1017,7 +1017,15 @@ def test_limits_section(tmp_path: Path) -> None:
         "limits.max_syn_streams_per_peer",
         "must not exceed max_syn_streams",
     )
-    assert_error(tmp_path, MINIMAL + "\n[limits]\nmax_routes = 8\n", "limits.max_routes", "")
+    routing = MINIMAL + "\n[limits]\nmax_routes = 8\nmax_routes_per_neighbour = 4\n"
+    core = load_config(write(tmp_path, routing), cpu_count=1).limits.core_limits()
+    assert (core.max_routes, core.max_routes_per_neighbour) == (8, 4)
+    assert_error(
+        tmp_path,
+        MINIMAL + "\n[limits]\nmax_routes = 8\n",
+        "limits.max_routes_per_neighbour",
+        "must not exceed max_routes",
+    )
     assert_error(
         tmp_path, MINIMAL + "\n[limits]\nmax_syn_streams = 0\n", "limits.max_syn_streams", "least"
     )

@@ -254,6 +254,7 @@ class ControlWorker:
             ),
             discovery_limits=cfg.limits.discovery_limits(),
             msp_params=cfg.limits.msp_params(),
+            limits=cfg.limits.core_limits(),
             sharded=True,  # sessions live in the crypto workers
             node_name=cfg.node.name,
             name=cfg.node.name or "",  # told to whoever traces a path through us
