@@ -6,10 +6,27 @@ missing=()
 for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "installing Debian packages: ${missing[*]}" >&2
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# Services that come with test packages stay off for good (disabled and masked, also
+# for the next boot): the tests start their own instances, on loopback inside their
+# own namespaces with their own config, and nothing may listen on the host.
+keep_services_off() {
+    for svc in prometheus; do
+        dpkg-query -W -f='${Status}' "$svc" 2>/dev/null | grep -q "install ok installed" || continue
+        [ -L "/etc/systemd/system/$svc.service" ] && continue  # masked already
+        $SUDO systemctl --no-reload disable "$svc.service" >/dev/null 2>&1 || true
+        $SUDO systemctl --no-reload mask "$svc.service" >/dev/null 2>&1 || true
+        $SUDO systemctl stop "$svc.service" >/dev/null 2>&1 || true
+    done
+}
+
+if [ ${#missing[@]} -eq 0 ]; then
+    keep_services_off
+    exit 0
+fi
+echo "installing Debian packages: ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 # No package may start its own service while installed (Debian's prometheus would
 # listen on every interface): a policy-rc.d that answers 101 forbids the starts
@@ -22,3 +39,4 @@ if [ ! -e "$POLICY" ]; then
 fi
 $SUDO apt-get update -qq || true
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+keep_services_off
