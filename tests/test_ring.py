@@ -438,6 +438,24 @@ def test_child_killed_does_not_destroy_ring() -> None:
         assert shm_exists(ring.spec.name)
 
 
+def test_attach_starts_no_resource_tracker() -> None:
+    """Attaching must not cost a worker the multiprocessing tracker's extra interpreter."""
+    with Ring.create(4096) as ring:
+        child = spawn(
+            """
+            from multiprocessing import resource_tracker
+            ring = Ring.attach(RingSpec.from_json(sys.argv[1]))
+            ring.put(b"x")
+            ring.close()
+            assert resource_tracker._resource_tracker._pid is None, "tracker started"
+            """,
+            ring.spec,
+        )
+        _, err = finish(child)
+        assert child.returncode == 0, err
+        assert ring.get_batch() == [b"x"]
+
+
 def test_plain_sharedmemory_attach_would_destroy_ring() -> None:
     """Control for the tests above: they do detect the resource tracker's unlink."""
     with Ring.create(4096) as ring:

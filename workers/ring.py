@@ -2,7 +2,7 @@
 
 One :class:`Ring` carries variable-length byte records from exactly one producer
 process to exactly one consumer process (single producer, single consumer). It
-lives in a :class:`multiprocessing.shared_memory.SharedMemory` segment and comes
+lives in a POSIX shared-memory segment (:class:`ShmSegment`) and comes
 with a non-blocking eventfd for wake-ups, so a consumer can wait on the ring with
 ``select``/``selectors`` next to its sockets.
 
@@ -69,12 +69,11 @@ also sees the record bytes written before it, and the producer that sees a new
 CPUs (ARM, MIPS) give no such guarantee; they would need real barriers (a small C
 helper or atomics) before this layout is safe there.
 
-Python 3.11 registers every ``SharedMemory`` it opens with the multiprocessing
-resource tracker, which unlinks the segment when that process exits. Attaching
-processes therefore unregister right after attaching (on 3.13+ they pass
-``track=False``), so a worker exiting or being killed never destroys a ring; only
-the owner unlinks. On 3.11/3.12 the first attach starts the tracker helper process
-for that worker.
+The segment is a file in ``/dev/shm`` mapped with ``mmap`` (:class:`ShmSegment`),
+not :class:`multiprocessing.shared_memory.SharedMemory`: on Python 3.11/3.12 that
+class registers every segment it opens with the multiprocessing resource tracker,
+which costs each worker an extra helper interpreter (about 10 MB) and unlinks the
+ring when any attaching process exits. Here only the owner ever unlinks.
 """
 
 from __future__ import annotations
@@ -82,14 +81,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import mmap
 import os
 import secrets
 import struct
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 from types import TracebackType
 from typing import Any, Self
 
@@ -112,14 +109,49 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _MAGIC_VERSION = struct.Struct("<II")
 
-# Segment names created by this process and not yet unlinked: attaching to one of
-# them again from this same process must not unregister the owner's tracking.
-_OWNED_NAMES: set[str] = set()
+SHM_DIR = "/dev/shm"
 
 
-def _view(shm: SharedMemory) -> memoryview:
+class ShmSegment:
+    """A named POSIX shared-memory segment (a file in ``/dev/shm``) mapped read-write."""
+
+    def __init__(self, name: str, *, create: bool, size: int = 0) -> None:
+        if "/" in name or not name:
+            raise ValueError(f"bad segment name {name!r}")
+        self.name = name
+        path = os.path.join(SHM_DIR, name)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.size = os.fstat(fd).st_size
+            if self.size == 0:
+                raise ValueError(f"segment {name}: empty")
+            self._map: mmap.mmap | None = mmap.mmap(fd, self.size)
+        except BaseException:
+            os.close(fd)
+            if create:
+                os.unlink(path)
+            raise
+        os.close(fd)  # the mapping keeps the pages; no descriptor to leak into children
+        self.buf: memoryview | None = memoryview(self._map)
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def unlink(self) -> None:
+        os.unlink(os.path.join(SHM_DIR, self.name))
+
+
+def _view(shm: ShmSegment) -> memoryview:
     buf = shm.buf
-    if buf is None:  # only on a closed SharedMemory
+    if buf is None:  # only on a closed segment
         raise ValueError("shared memory segment is closed")
     return buf
 
@@ -186,18 +218,6 @@ def _check_eventfd(fd: int) -> None:
         raise ValueError(f"fd {fd} is {target!r}, not the ring's eventfd (missing pass_fds?)")
 
 
-def _attach_shm(name: str) -> SharedMemory:
-    """Open an existing segment without leaving it to this process's resource tracker."""
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name=name, create=False, track=False)
-    shm = SharedMemory(name=name, create=False)
-    if name not in _OWNED_NAMES and os.name == "posix":
-        # SharedMemory registered "/<name>"; without this the tracker would unlink
-        # the ring when this process exits.
-        resource_tracker.unregister("/" + shm.name, "shared_memory")
-    return shm
-
-
 class Ring:
     """One end (or both) of a single-producer single-consumer shared-memory ring.
 
@@ -207,7 +227,7 @@ class Ring:
     in this process; :meth:`depth` reads the shared state.
     """
 
-    def __init__(self, shm: SharedMemory, spec: RingSpec, efd: int, *, owner: bool) -> None:
+    def __init__(self, shm: ShmSegment, spec: RingSpec, efd: int, *, owner: bool) -> None:
         self._shm = shm
         self._buf = _view(shm)
         # Shared with the other process: single native 8-byte loads and stores.
@@ -241,11 +261,10 @@ class Ring:
         while True:
             name = f"meshpipe-{os.getpid()}-{secrets.token_hex(6)}"
             try:
-                shm = SharedMemory(name=name, create=True, size=HEADER_SIZE + capacity)
+                shm = ShmSegment(name, create=True, size=HEADER_SIZE + capacity)
             except FileExistsError:
                 continue
             break
-        _OWNED_NAMES.add(name)
         try:
             # A fresh segment is zero-filled: head = tail = 0.
             buf = _view(shm)
@@ -255,7 +274,6 @@ class Ring:
         except BaseException:
             shm.close()
             shm.unlink()
-            _OWNED_NAMES.discard(name)
             raise
         return cls(shm, RingSpec(name=name, size=capacity, eventfd=efd), efd, owner=True)
 
@@ -268,7 +286,7 @@ class Ring:
         process can attach again later.
         """
         _check_eventfd(spec.eventfd)
-        shm = _attach_shm(spec.name)
+        shm = ShmSegment(spec.name, create=False)
         try:
             if shm.size < HEADER_SIZE + spec.size:
                 raise ValueError(f"ring {spec.name}: segment smaller than its spec")
@@ -301,13 +319,8 @@ class Ring:
         if self._unlinked:
             return
         self._unlinked = True
-        _OWNED_NAMES.discard(self.spec.name)
-        try:
+        with contextlib.suppress(FileNotFoundError):  # removed behind our back
             self._shm.unlink()
-        except FileNotFoundError:
-            # Removed behind our back; still stop our resource tracker from trying.
-            if os.name == "posix":
-                resource_tracker.unregister("/" + self.spec.name, "shared_memory")
 
     def __enter__(self) -> Self:
         return self
