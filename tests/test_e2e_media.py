@@ -5,6 +5,7 @@ in reliable mode, with the lateness of both printed."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -180,3 +181,41 @@ def test_udp_echo_through_forward_across_three_hops_and_acl(lab: Lab) -> None:
         10,
         "acl.denied for b at d",
     )
+
+
+def test_msp_datagram_mode_from_the_cli(lab: Lab) -> None:
+    listener = lab.popen(
+        "d",
+        "msp",
+        "listen",
+        "5300",
+        "-v",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    lab.wait_for(
+        lambda: any(s["port"] == 5300 for s in lab.cli("d", "status")["listening"]),
+        10,
+        "the listener",
+    )
+    sender = lab.popen(
+        "a",
+        "msp",
+        "connect",
+        "--mode",
+        "datagram",
+        lab.nodes["d"].sid[:16],
+        "5300",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert sender.stdin is not None
+    sender.stdin.write(b"one datagram")
+    sender.stdin.close()
+    assert sender.wait(30) == 0
+    out, err = listener.communicate(timeout=30)
+    assert listener.returncode == 0, err
+    assert out == b"one datagram"
+    assert b"accepted datagram stream" in err

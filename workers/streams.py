@@ -23,7 +23,9 @@ Datagram-mode streams carry messages, not bytes: each socket read (at most the
 stream's largest message) is one datagram, each datagram received is one chunk (a
 framed pipe keeps the boundaries; an unframed one, a UDP bridge's job, does not use
 this class). The end of a datagram stream is a reset with ABORTED (it has no FIN),
-so a framed pipe reports it as ``{"closed": true}``.
+so a framed pipe reports it as ``{"closed": true}``; EOF on the opener's socket ends
+it, EOF on the acceptor's only ends what that side sends (``msp listen < /dev/null``
+still receives).
 
 :class:`StreamHub` owns the pipes and listeners and routes Msp events to them.
 """
@@ -149,6 +151,8 @@ class StreamPipe:
                 return
             if not data:
                 self.sock_eof = True
+                if dgram and not st.initiator:
+                    return  # the acceptor has nothing more to send; the opener decides
                 if dgram:
                     st.flush(now)  # the queued datagrams leave before the closing RST
                 st.shutdown(now)  # FIN; a datagram stream closes (RST ABORTED to the peer)
