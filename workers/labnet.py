@@ -193,7 +193,7 @@ class Lab:
         if wait:
             self.wait_for(self._answers(name), 20, f"{name} to start")
 
-    def start_all(self, timeout: float = 20) -> None:
+    def start_all(self, timeout: float = 60) -> None:
         for name in self.names:
             self.start(name, wait=False)
         for name in self.names:
