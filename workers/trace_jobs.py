@@ -45,7 +45,18 @@ class TraceJobs:
         self.jobs: list[_Job] = []
 
     def target(self, text: str) -> bytes:
-        """A SID, a unique SID prefix, or a name a verified trace reply has told us."""
+        """A SID, a unique SID prefix, a name some node claims in its node record (the
+        nearest claimant by routing metric, as the DNS responder answers), or a name a
+        verified trace reply has told us."""
+        if not _looks_like_sid(text):
+            own = bytes(self.core.sid)
+            claimed = [
+                c
+                for c in self.core.node_claimants()
+                if c.name == text and c.metric is not None and c.sid != own
+            ]
+            if claimed:
+                return min(claimed, key=lambda c: (c.metric, c.sid)).sid
         names = self.core.trace.names
         matches = {sid for sid, name in names.items() if name == text}
         if len(matches) == 1 and not _looks_like_sid(text):
