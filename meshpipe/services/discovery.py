@@ -73,6 +73,7 @@ from typing import Any
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
+from meshpipe.flood import MAX_ITEMS, SEQ_MAX, next_seq, pack_items
 from meshpipe.identity import SID_LEN, SIG_LEN, Identity, Sid
 
 SERVICE_DOMAIN = b"meshpipe-service-v1"
@@ -90,8 +91,6 @@ DEFAULT_SCOPE = 16
 # Longest lifetime a record may claim. A protocol constant, not a node's own setting,
 # so nodes configured with different lifetimes still accept each other's records.
 MAX_LIFETIME = 3600.0
-SEQ_MAX = (1 << 63) - 1
-MAX_ITEMS = 256  # per frame
 MAX_BUCKETS = 4096
 MAX_QUERY_PATHS = 1024
 
@@ -300,23 +299,6 @@ def encode_answer(tag: bytes, items: list[list[Any]]) -> bytes:
     return wire.encode_control(wire.KIND_DISCOVERY, [MSG_ANSWER, bytes(tag), items])
 
 
-def _pack(items: list[list[Any]], budget: int) -> list[list[list[Any]]]:
-    """Split items into groups whose packed size stays within ``budget`` bytes."""
-    groups: list[list[list[Any]]] = []
-    cur: list[list[Any]] = []
-    used = 0
-    for it in items:
-        size = len(wire.pack_body(it))
-        if cur and (used + size > budget or len(cur) >= MAX_ITEMS):
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(it)
-        used += size
-    if cur:
-        groups.append(cur)
-    return groups
-
-
 @dataclass(frozen=True)
 class DiscoveryTiming:
     """Discovery timers (seconds) and limits."""
@@ -468,7 +450,7 @@ class ServiceDiscovery:
 
     def _next_seq(self, now: float) -> int:
         # Milliseconds of wall clock: a restarted origin still issues newer seqs.
-        self._last_seq = min(SEQ_MAX, max(self._last_seq + 1, int(self.wall(now) * 1000)))
+        self._last_seq = next_seq(self._last_seq, self.wall(now))
         return self._last_seq
 
     # -- local services ------------------------------------------------------------
@@ -830,7 +812,7 @@ class ServiceDiscovery:
             self._out.append(DiscoveryOut(None, encode_query(tag, q.name, q.hops_left - 1)))
 
     def _answer(self, to: NeighbourKey, tag: bytes, items: list[list[Any]]) -> None:
-        for group in _pack(items, self.mtu - _ANSWER_OVERHEAD):
+        for group in pack_items(items, self.mtu - _ANSWER_OVERHEAD):
             self.counters["discovery.answer.tx"] += 1
             self.counters["discovery.tx.frames"] += 1
             self._out.append(DiscoveryOut(to, encode_answer(tag, group)))
@@ -923,7 +905,7 @@ class ServiceDiscovery:
         out = self._out
         self._out = []
         if self._flood and now >= self._flood_at:
-            for group in _pack(self._flood, self.mtu - _ANNOUNCE_OVERHEAD):
+            for group in pack_items(self._flood, self.mtu - _ANNOUNCE_OVERHEAD):
                 self.counters["discovery.announce.tx"] += 1
                 self.counters["discovery.tx.frames"] += 1
                 out.append(DiscoveryOut(None, encode_announce(group)))
