@@ -68,13 +68,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
-from meshpipe.flood import MAX_ITEMS, SEQ_MAX, next_seq, pack_items
-from meshpipe.identity import SID_LEN, SIG_LEN, Identity, Sid
+from meshpipe.flood import MAX_ITEMS, SEQ_MAX, SignedItem, next_seq, pack_items
+from meshpipe.identity import SID_LEN, SIG_LEN, Identity
 
 SERVICE_DOMAIN = b"meshpipe-service-v1"
 RECORD_VERSION = 1
@@ -202,18 +202,9 @@ class ServiceRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SignedRecord:
-    record: ServiceRecord
-    body: bytes
-    sig: bytes
-    hops: int = 0  # hops travelled before the holder received it (0 at the origin)
-
-    def item(self, hops: int | None = None) -> list[Any]:
-        return [self.body, self.sig, self.hops if hops is None else min(255, hops)]
-
-    def verify(self) -> bool:
-        return Sid(bytes(self.record.origin)).verify(SERVICE_DOMAIN + self.body, self.sig)
+class SignedRecord(SignedItem[ServiceRecord]):
+    __slots__ = ()
+    DOMAIN: ClassVar[bytes] = SERVICE_DOMAIN
 
 
 def sign_record(identity: Identity, record: ServiceRecord) -> SignedRecord:
