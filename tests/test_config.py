@@ -1039,7 +1039,9 @@ def test_hop_recovery_defaults_to_auto_and_takes_its_header_from_the_mtu(tmp_pat
         (u,) = load_config(write(tmp_path, MINIMAL + f'hop_recovery = "{mode}"\n')).interfaces
         assert (u.hop_recovery, u.link_overhead) == (mode, overhead)
     (r,) = load_config(write(tmp_path, RADIO)).interfaces
-    assert r.hop_recovery == "auto" and r.link_overhead == 4 + 16
+    assert r.hop_recovery == "off" and r.link_overhead == 4  # auto is off on a radio
+    (r,) = load_config(write(tmp_path, RADIO + 'hop_recovery = "on"\n')).interfaces
+    assert r.hop_recovery == "on" and r.link_overhead == 4 + 16
 
 
 def test_hop_recovery_auto_is_off_where_it_cannot_work(tmp_path: Path) -> None:
