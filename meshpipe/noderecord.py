@@ -252,7 +252,7 @@ class NodeRecords:
         limit = min(self.t.max_neighbours, neighbours_that_fit(self.mtu, self.name))
         best: dict[bytes, int] = {}
         for link in self._links.values():  # a neighbour on two links: the cheaper one
-            if 1 <= link.cost <= MAX_COST and link.sid != self.sid:
+            if link.sid != self.sid:
                 best[link.sid] = min(link.cost, best.get(link.sid, MAX_COST))
         ranked = sorted(best.items(), key=lambda sc: (sc[1], sc[0]))
         return tuple(ranked[:limit])
@@ -279,7 +279,8 @@ class NodeRecords:
         self._dirty = False
         self._refresh_at = now + self.t.refresh * (1.0 - self.t.jitter * self.rng.random())
         self.counters["noderec.issued"] += 1
-        self._flood.add(self.own.item(0), now, immediate=True)
+        if self._links:  # alone, nobody would take it; new neighbours get it by sync
+            self._flood.add(self.own.item(0), now, immediate=True)
 
     # -- time --------------------------------------------------------------------------
 
@@ -288,7 +289,9 @@ class NodeRecords:
         due, sweep expired records and send what is queued."""
         if now >= self._check_at:
             self._check_at = now + self.t.check
-            current = {link.key: link for link in links}
+            # Only links that work both ways: the far end has heard our hellos, so it
+            # takes our frames (a neighbour's frames are dropped until it is known).
+            current = {link.key: link for link in links if 1 <= link.cost <= MAX_COST}
             for key in current.keys() - self._links.keys():
                 self._sync(key)
             self._links = current

@@ -171,8 +171,9 @@ def test_reissue_rules_and_expiry() -> None:
 
 def test_stale_and_rate_limited() -> None:
     a = NodeRecords(A, 0.0, timing=T)
-    old = a.on_timer(0.0, [])
-    new = a.on_timer(T.refresh + 1, [])
+    link_b = [NodeLink(bytes(B.sid), 300, LB)]
+    old = [o for o in a.on_timer(0.0, link_b) if o.to is None]
+    new = a.on_timer(T.refresh + 1, link_b)
     b = NodeRecords(B, 0.0, timing=T)
     deliver(new, b, LA, 22.0)
     deliver(old, b, LA, 22.5)
@@ -186,11 +187,17 @@ def test_stale_and_rate_limited() -> None:
 def test_new_neighbour_gets_every_record_at_once() -> None:
     a = NodeRecords(A, 0.0, timing=T)
     c = NodeRecords(C, 0.0, timing=T)
-    deliver(c.on_timer(0.0, []), a, (0, "c"), 0.1)
-    a.on_timer(0.0, [])
+    deliver(c.on_timer(0.0, [NodeLink(bytes(A.sid), 256, (0, "a"))]), a, (0, "c"), 0.1)
+    assert a.on_timer(0.0, [NodeLink(bytes(B.sid), 0xFFFF, LB)]) == []  # not both ways yet
     outs = a.on_timer(1.0, [NodeLink(bytes(B.sid), 256, LB)])
     sync = [o for o in outs if o.to == LB]
     assert {r.record.origin for r in items_of(sync)} == {bytes(A.sid), bytes(C.sid)}
+
+
+def test_a_node_alone_floods_nothing() -> None:
+    a = NodeRecords(A, 0.0, name="alone", timing=T)
+    assert a.on_timer(0.0, []) == []
+    assert a.own is not None and [r.name for r in a.records(0.0)] == ["alone"]
 
 
 def test_neighbours_bounded_by_limit_and_mtu() -> None:
