@@ -73,8 +73,8 @@ from typing import Any, ClassVar
 from meshpipe import wire
 from meshpipe.actions import Event
 from meshpipe.errors import FrameError, MeshpipeError
-from meshpipe.flood import MAX_ITEMS, SEQ_MAX, SignedItem, next_seq, pack_items
-from meshpipe.identity import SID_LEN, SIG_LEN, Identity
+from meshpipe.flood import MAX_ITEMS, SEQ_MAX, SignedItem, item_parts, next_seq, pack_items
+from meshpipe.identity import SID_LEN, Identity
 
 SERVICE_DOMAIN = b"meshpipe-service-v1"
 RECORD_VERSION = 1
@@ -215,18 +215,6 @@ def sign_record(identity: Identity, record: ServiceRecord) -> SignedRecord:
         raise ServiceError(f"service record is {len(body)} bytes; the limit is {MAX_BODY}")
     ServiceRecord.decode(body)  # what we send must pass our own strict parser
     return SignedRecord(record, body, identity.sign(SERVICE_DOMAIN + body))
-
-
-def _item_parts(raw: Any) -> tuple[bytes, bytes, int]:
-    """The raw pieces of an item; an oversize body is reported apart from damage."""
-    f = wire.expect_record(raw, 3, "record item")
-    if not isinstance(f[0], bytes):
-        raise FrameError("record body: want bytes")
-    return (
-        f[0],
-        wire.expect_bytes(f[1], SIG_LEN, "record signature"),
-        wire.expect_int(f[2], 0, 255, "record hops"),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,7 +600,7 @@ class ServiceDiscovery:
         """Check one item; cache (and queue for flooding) if new. Returns it if valid."""
         self.counters["discovery.rx.records"] += 1
         try:
-            body, sig, hops = _item_parts(raw)
+            body, sig, hops = item_parts(raw)
             if len(body) > MAX_BODY:
                 self.counters["discovery.drop.oversize"] += 1
                 return None
