@@ -3,6 +3,7 @@ the text format as `promtool check metrics` (Debian's prometheus package) sees i
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -156,8 +157,11 @@ def test_role_labels_and_memory() -> None:
     assert mem is not None and mem[0] > 1 << 20 and 0 < mem[1] <= mem[0] * 1.01
     assert reader(os.getpid())[1] == mem[1]  # type: ignore[index]  # PSS cached
     now[0] = PSS_MAX_AGE + 1.0  # past the cache age, whatever the comparison
-    big = bytearray(16 << 20)  # touched: 16 MiB more of both
-    big[::4096] = b"x" * len(big[::4096])
+    # A fresh anonymous mapping, touched: 16 MiB more of both (a bytearray could reuse
+    # heap pages an earlier test left resident, and then PSS would not move)
+    big = mmap.mmap(-1, 16 << 20)
+    for off in range(0, len(big), mmap.PAGESIZE):
+        big[off] = 1
     later = reader(os.getpid())
     assert later is not None and later[1] > mem[1] + (8 << 20)
     assert reader(2**22 + 12345) is None
