@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshpipe_workers import livestream, nftloss
-from meshpipe_workers.labnet import BASE_PORT, Lab
+from meshpipe_workers import livestream
+from meshpipe_workers.labnet import Lab
 from tests.netns import require_root
 
 pytestmark = pytest.mark.netns
@@ -28,8 +28,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     workdir = tmp_path_factory.mktemp("media")
     with Lab(["a", "b", "c", "d"], workdir, netns=True, extra_config=WORKERS) as lab:
         assert lab.topo is not None
-        for name in lab.names:
-            nftloss.offloads_off(lab.topo, name)
+        lab.topo.disable_offloads()
         lab.start_all()
         lab.wait_for(lambda: (r := lab.route("a", "d")) and r["hops"] == 3, 30, "a's route to d")
         yield lab
@@ -42,12 +41,11 @@ def lossy(lab: Lab) -> Iterator[Lab]:
     d = lab.nodes["d"].sid[:16]
     assert lab.run("a", "ping", d, "--count", "2", "--interval", "0.2").returncode == 0
     for name in lab.names:
-        nftloss.add_udp_loss(lab.topo, name, BASE_PORT, 10)
+        lab.topo.set_loss(name, 10, directions=("out",))
     try:
         yield lab
     finally:
-        for name in lab.names:
-            nftloss.clear_loss(lab.topo, name)
+        lab.topo.clear_loss()
 
 
 def test_deadline_stream_keeps_its_budget_through_lossy_links(lossy: Lab) -> None:
@@ -61,7 +59,7 @@ def test_deadline_stream_keeps_its_budget_through_lossy_links(lossy: Lab) -> Non
         assert run.got.data[g["start"] : g["end"]] == bytes(g["end"] - g["start"])
     late = run.lateness()  # also checks every record outside the gaps
     assert lossy.topo is not None
-    drops = sum(nftloss.dropped(lossy.topo, n) for n in lossy.names)
+    drops = sum(sum(lossy.topo.loss_drops(n).values()) for n in lossy.names)
     print(f"\ndeadline {BUDGET_MS} ms: {run.summary()}; nftables dropped {drops} frames")
     assert drops > 0
     assert run.delivered >= 0.85

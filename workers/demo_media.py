@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from meshpipe_workers import livestream, nftloss
-from meshpipe_workers.labnet import BASE_PORT, Lab
+from meshpipe_workers import livestream
+from meshpipe_workers.labnet import Lab
 
 LOSS_PERCENT = 15
 BUDGET_MS = 200
@@ -33,10 +33,9 @@ def show_live_stream(lab: Lab, banner: Callable[[str], None]) -> None:
     where = f"the b - c link drops {LOSS_PERCENT}% each way" if lossy else "no loss"
     banner(f"a live 64 kbit/s stream a -> d, deadline mode {BUDGET_MS} ms; {where}")
     if topo is not None:
-        for name in lab.names:
-            nftloss.offloads_off(topo, name)
-        nftloss.add_udp_loss(topo, "b", BASE_PORT, LOSS_PERCENT, towards="c")
-        nftloss.add_udp_loss(topo, "c", BASE_PORT, LOSS_PERCENT, towards="b")
+        topo.disable_offloads()
+        topo.set_loss("b", LOSS_PERCENT, peer="c", directions=("out",))
+        topo.set_loss("c", LOSS_PERCENT, peer="b", directions=("out",))
     else:
         print("  (loss injection needs root: nftables in network namespaces; skipped)")
     try:
@@ -49,12 +48,11 @@ def show_live_stream(lab: Lab, banner: Callable[[str], None]) -> None:
         over = sum(1 for t in run.lateness() if t > BUDGET_MS / 1000)
         print(f"  reliable: {run.summary()}; {over} records later than {BUDGET_MS} ms")
         if topo is not None:
-            drops = nftloss.dropped(topo, "b") + nftloss.dropped(topo, "c")
+            drops = sum(sum(topo.loss_drops(n).values()) for n in ("b", "c"))
             print(f"  nftables dropped {drops} frames on the b - c link")
     finally:
         if topo is not None:
-            nftloss.clear_loss(topo, "b")
-            nftloss.clear_loss(topo, "c")
+            topo.clear_loss()
 
 
 __all__ = ["NODE_CONFIG", "show_live_stream", "show_trace"]
