@@ -3,7 +3,8 @@
 Run as root with the repository's venv (see bench/README.md):
 
     .venv/bin/python -m bench.lossy [--size-mib 2] [--runs 3] [--batch-loss 10]
-                                    [--frame-loss 1,5,10,20] [--timeout 300] [--json]
+                                    [--frame-loss 1,5,10,20] [--hop-recovery auto,off]
+                                    [--timeout 300] [--json]
 
 Four namespaces a - b - c - d (``meshpipe_workers.labnet.Lab``, underlay
 198.18.0.0/15, static routes and forwarding for TCP); every node drops the given
@@ -20,7 +21,9 @@ Each case alternates TCP (bench/tcp_xfer.py) and MSP (``meshpipe msp listen`` /
 session exists) ``--runs`` times. The time is the receiver's first to last byte
 (set-up left out for both alike); every transfer is checked byte-exact. A transfer
 that does not finish within ``--timeout`` counts as that long (printed as ">T").
-The ratio is TCP's median time over MSP's: above 1, MSP is faster.
+The ratio is TCP's median time over MSP's: above 1, MSP is faster. With
+``--hop-recovery`` listing several modes, every loss group runs once per mode (the
+nodes restarted with ``[[interface]] hop_recovery = <mode>``; TCP is unaffected).
 """
 
 from __future__ import annotations
@@ -161,6 +164,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="1,5,10,20",
         help="comma-separated percents, offloads off ('' skips)",
     )
+    p.add_argument(
+        "--hop-recovery",
+        default="auto",
+        help="comma-separated [[interface]] hop_recovery modes (auto, on, off), one run each",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per transfer")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
@@ -171,6 +179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("loss levels are comma-separated numbers (percent)")
     if any(not 0 <= x <= 100 for x in args.batch_loss + args.frame_loss):
         p.error("loss levels are percents within 0..100")
+    args.hop_recovery = [m.strip() for m in args.hop_recovery.split(",") if m.strip()]
+    if not args.hop_recovery or any(m not in ("auto", "on", "off") for m in args.hop_recovery):
+        p.error("--hop-recovery modes are auto, on and off")
     if args.runs < 1:
         p.error("--runs must be at least 1")
     return args
@@ -185,24 +196,27 @@ def main(argv: list[str] | None = None) -> int:
         payload = Payload(workdir / "payload.bin", int(args.size_mib * 1024 * 1024), "")
         payload.sha256 = make_payload(payload.path, payload.size)
         port = MSP_PORT
-        groups = [
-            ([Case(f"{x:g}% per batch", x, False) for x in args.batch_loss], ""),
-            ([Case(f"{x:g}% per frame", x, True) for x in args.frame_loss], NO_OFFLOAD),
-        ]
-        for group, extra in groups:
-            if not group:
-                continue
-            with (
-                exit_on_signals(),
-                Lab(NAMES, workdir / "lab", netns=True, extra_config=extra) as lab,
-            ):
-                assert lab.topo is not None
-                route_line(lab.topo)
-                if extra:
-                    lab.topo.disable_offloads()
-                lab.start_all()
-                port = run_cases(lab, group, payload, args.runs, args.timeout, port)
-            cases += group
+        for mode in args.hop_recovery:
+            tag = "" if args.hop_recovery == ["auto"] else f", recovery {mode}"
+            groups = [
+                ([Case(f"{x:g}% per batch{tag}", x, False) for x in args.batch_loss], ""),
+                ([Case(f"{x:g}% per frame{tag}", x, True) for x in args.frame_loss], NO_OFFLOAD),
+            ]
+            for group, extra in groups:
+                if not group:
+                    continue
+                with (
+                    exit_on_signals(),
+                    Lab(NAMES, workdir / "lab", netns=True, extra_config=extra) as lab,
+                ):
+                    assert lab.topo is not None
+                    route_line(lab.topo)
+                    if extra:
+                        lab.topo.disable_offloads()
+                    lab.set_interface_key("hop_recovery", f'"{mode}"')
+                    lab.start_all()
+                    port = run_cases(lab, group, payload, args.runs, args.timeout, port)
+                cases += group
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:

@@ -55,6 +55,7 @@ class Lab:
         extra_config: str = "",
         node_config: dict[str, str] | None = None,
         udp_nodes: list[str] | None = None,
+        extra_links: list[tuple[str, str]] | None = None,
     ) -> None:
         self.names = names
         self.workdir = Path(workdir)
@@ -75,6 +76,8 @@ class Lab:
         # order of ``names``. Namespaces: a veth gets a UDP interface only when both
         # its ends are UDP nodes (the others stay unused, e.g. beside a radio).
         self.udp_nodes = udp_nodes
+        # Namespaces only: veths beside the line's (e.g. [("a", "c")] closes a triangle).
+        self.extra_links = extra_links or []
         self.nodes: dict[str, LabNode] = {}
         self.topo: Topology | None = None
         self._topo_cm: Any = None
@@ -85,7 +88,7 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             if self.netns:
-                self._topo_cm = line_topology(self.names, self.prefix)
+                self._topo_cm = line_topology(self.names, self.prefix, self.extra_links)
                 self.topo = self._topo_cm.__enter__()
             for i, name in enumerate(self.names):
                 self._configure(i, name)

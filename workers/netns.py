@@ -458,8 +458,16 @@ class Topology:
 
 
 @contextlib.contextmanager
-def line_topology(names: list[str], prefix: str | None = None) -> Iterator[Topology]:
-    """Namespaces ``{prefix}-{name}`` linked in a line; all deleted on exit, even on error."""
+def line_topology(
+    names: list[str],
+    prefix: str | None = None,
+    extra_links: Sequence[tuple[str, str]] = (),
+) -> Iterator[Topology]:
+    """Namespaces ``{prefix}-{name}`` linked in a line; all deleted on exit, even on error.
+
+    ``extra_links`` adds veth pairs between further pairs of those nodes (e.g. the
+    ends, for a triangle), numbered on after the line's links.
+    """
     prefix = prefix or default_prefix()
     if not PREFIX_RE.match(prefix):
         raise ValueError(f"prefix {prefix!r} must look like 'mp<digits>' (e.g. 'mp' + pid)")
@@ -468,8 +476,11 @@ def line_topology(names: list[str], prefix: str | None = None) -> Iterator[Topol
     for name in names:
         if not NODE_RE.match(name) or len(f"{prefix}-{name}") > 64:
             raise ValueError(f"bad node name {name!r}")
-    if len(names) - 1 > MAX_LINKS:
-        raise ValueError(f"at most {MAX_LINKS + 1} nodes in a line")
+    if len(names) - 1 + len(extra_links) > MAX_LINKS:
+        raise ValueError(f"at most {MAX_LINKS} links")
+    for left, right in extra_links:
+        if left not in names or right not in names or left == right:
+            raise ValueError(f"bad extra link {left!r} - {right!r}")
 
     _acquire(prefix)
     topo = Topology(prefix=prefix, names=list(names))
@@ -479,6 +490,8 @@ def line_topology(names: list[str], prefix: str | None = None) -> Iterator[Topol
             topo._add_namespace(name)
         for k in range(1, len(names)):
             topo._add_link(k, names[k - 1], names[k])
+        for k, (left, right) in enumerate(extra_links, start=len(names)):
+            topo._add_link(k, left, right)
     except BaseException as exc:
         try:
             topo.close()
