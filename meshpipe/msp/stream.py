@@ -41,6 +41,12 @@ if TYPE_CHECKING:
     from meshpipe.msp.endpoint import Msp
 
 TS_MASK = 0xFFFFFFFF
+# RACK's reordering window grows by a quarter of the min RTT per spurious
+# retransmission (RFC 8985 6.2), bounded by SRTT + 4 RTTVAR, not by the min RTT:
+# per-hop recovery delivers a frame it resent a few link round trips late, often
+# later than the whole min RTT, and each such frame cost an end-to-end retransmit
+# and a window cut (10% per frame over 3 hops: 29-47 per 512 KiB, all spurious).
+MAX_REO_FACTOR = 64
 
 
 class StreamError(MeshpipeError):
@@ -693,7 +699,7 @@ class Stream:
         if ack.dup and now - self._last_retx < 2 * max(self.rtt.srtt, 0.001):
             # Our retransmission arrived twice: the original was only late. Widen RACK's
             # reordering window (RFC 8985 6.2) so reordering stops costing retransmits.
-            self._reo_factor = min(self._reo_factor + 1, 4)
+            self._reo_factor = min(self._reo_factor + 1, MAX_REO_FACTOR)
         self._detect_losses(now)
         if ack.ack_now:
             self._ack_now = True
@@ -702,7 +708,8 @@ class Stream:
     def _detect_losses(self, now: float) -> None:
         if not self.rtt.has_sample:
             return
-        reo = max(self.rtt.min_rtt * self._reo_factor / 4, 0.001)
+        cap = self.rtt.srtt + 4 * self.rtt.rttvar
+        reo = max(min(self.rtt.min_rtt * self._reo_factor / 4, cap), 0.001)
         thresh = self.rtt.latest + reo
         txq = self._txq
         while txq:
