@@ -81,6 +81,15 @@ def become_subreaper() -> None:
 # -- the zygote's side --------------------------------------------------------------------
 
 
+def _preload() -> None:
+    gc.disable()
+    for name in PRELOAD:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()  # everything so far is permanent: no gc writes to shared pages
+    gc.enable()
+
+
 def serve(sock: socket.socket) -> int:
     """Preload, freeze, and fork workers on request until the supervisor hangs up."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -90,10 +99,7 @@ def serve(sock: socket.socket) -> int:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     set_process_name("mp-zygote")
     _stdin_devnull()
-    gc.disable()
-    for name in PRELOAD:
-        importlib.import_module(name)
-    gc.freeze()  # everything so far is permanent: no gc writes to shared pages
+    _preload()  # already done by Zygote.fork(); not by a fresh zygote
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
@@ -147,7 +153,6 @@ def _become_worker(
             signal.signal(sig, signal.SIG_DFL)
         reload.ignore_sighup_in_child()
         _prctl(PR_SET_PDEATHSIG, 0)
-        gc.enable()
         role = str(req["role"])
         set_process_name("mp-" + role)
         argv = [str(a) for a in req["argv"]]
@@ -206,6 +211,12 @@ class Zygote:
         supervisor calls this before it makes a ring)."""
         become_subreaper()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The core is imported here, before the fork: the pages of what the zygote
+        # imported after it would be copied by the supervisor's and the zygote's first
+        # writes to each (refcounts, dicts), so the two would share almost nothing.
+        # Frozen, the supervisor's collector (it keeps running) no longer writes to
+        # these objects' headers either.
+        _preload()
         pid = os.fork()
         if pid == 0:
             code = 1
