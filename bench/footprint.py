@@ -13,8 +13,8 @@ Run as root (it builds its own namespaces a - b, underlay 198.18.0.0/15):
   its service on the host), each with one peer across the same veth, yggdrasil's
   200::/7 addresses only on its TUN inside the bench's namespaces.
 
-Per process: PSS and USS from /proc/PID/smaps_rollup, CPU (utime+stime) and
-wake-ups (context switches in, summed over threads, from /proc/PID/task/*/schedstat)
+Per process: PSS and USS from /proc/PID/smaps_rollup, CPU time and wake-ups (times
+scheduled in), both summed over threads from /proc/PID/task/*/schedstat,
 over ``--idle`` seconds cut into ``--runs`` windows; the median window is reported.
 """
 
@@ -42,7 +42,6 @@ from meshpipe_workers.labnet import Lab
 from meshpipe_workers.metrics import read_rollup, uss_of
 from meshpipe_workers.netns import Topology, stop_process
 
-TICK = os.sysconf("SC_CLK_TCK")
 YGG_PORT = 19001
 MB = 1 << 20
 
@@ -64,27 +63,22 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def _cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def _switches(pid: int) -> int:
-    """Times the process's threads were scheduled in (schedstat's third field)."""
-    n = 0
+def _schedstat(pid: int) -> tuple[float, int]:
+    """CPU seconds (nanosecond resolution, unlike /proc/PID/stat's ticks) and times
+    scheduled in, summed over the process's threads (/proc/PID/task/*/schedstat)."""
+    cpu, n = 0, 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return 0.0, 0
     for t in tasks:
         try:
-            n += int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[2])
+            fields = Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()
+            cpu += int(fields[0])
+            n += int(fields[2])
         except (OSError, IndexError, ValueError):
             continue
-    return n
+    return cpu / 1e9, n
 
 
 def measure(pids: list[int], idle: float, windows: int) -> list[Proc]:
@@ -93,14 +87,14 @@ def measure(pids: list[int], idle: float, windows: int) -> list[Proc]:
     wake: dict[int, list[float]] = {p: [] for p in pids}
     span = idle / windows
     for _ in range(windows):
-        c0 = {p: _cpu_s(p) for p in pids}
-        w0 = {p: _switches(p) for p in pids}
+        s0 = {p: _schedstat(p) for p in pids}
         t0 = time.monotonic()
         time.sleep(span)
         dt = time.monotonic() - t0
         for p in pids:
-            cpu[p].append((_cpu_s(p) - c0[p]) / dt * 100)
-            wake[p].append((_switches(p) - w0[p]) / dt)
+            c1, w1 = _schedstat(p)
+            cpu[p].append((c1 - s0[p][0]) / dt * 100)
+            wake[p].append((w1 - s0[p][1]) / dt)
     out = []
     for p in pids:
         roll = read_rollup(p) or {}
