@@ -236,12 +236,18 @@ class Supervisor:
         """Fork the worker from the zygote (SIGHUP ignored in it until the worker sets
         its handler; only ``w.fds`` besides stdio); a dead zygote is replaced first."""
         try:
-            w.proc = self.zygote.spawn(w.role, w.module, w.argv, w.fds)
-        except ZygoteError as exc:
-            self.log.warning("zygote.restarted", error=str(exc))
-            self.zygote.close()
-            self.zygote = Zygote.start()
-            w.proc = self.zygote.spawn(w.role, w.module, w.argv, w.fds)
+            try:
+                w.proc = self.zygote.spawn(w.role, w.module, w.argv, w.fds)
+            except ZygoteError as exc:
+                self.log.warning("zygote.restarted", error=str(exc))
+                self.zygote.close()
+                self.zygote = Zygote.start()
+                w.proc = self.zygote.spawn(w.role, w.module, w.argv, w.fds)
+        except (ZygoteError, OSError) as exc:  # tried again after the backoff
+            self.log.error("worker.start_failed", worker=w.role, error=str(exc))
+            w.next_start = time.monotonic() + w.backoff
+            w.backoff = min(w.backoff * 2, RESTART_BACKOFF_MAX)
+            return
         w.started_at = time.monotonic()
         self.log.info("worker.start", worker=w.role, pid=w.proc.pid)
 
@@ -264,8 +270,9 @@ class Supervisor:
                 w.backoff = min(w.backoff * 2, RESTART_BACKOFF_MAX)
             elif now >= w.next_start:
                 self._start(w)
+                if w.proc is None:
+                    continue
                 if w.restarts:
-                    assert w.proc is not None
                     self.log.warning(
                         "worker.restarted", worker=w.role, pid=w.proc.pid, restarts=w.restarts
                     )
