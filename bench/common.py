@@ -101,6 +101,29 @@ def make_payload(path: Path, nbytes: int) -> str:
     return h.hexdigest()
 
 
+# -- processes --------------------------------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (a node's supervisor, zygote and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 # -- results ----------------------------------------------------------------------------
 
 

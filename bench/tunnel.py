@@ -27,6 +27,7 @@ supervisor and every process under it) is printed for each worker count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,13 @@ from bench.common import (
     exit_on_signals,
     log,
     print_table,
+    process_tree,
     repeat,
     require_root,
     to_json,
 )
 from meshpipe_workers.labnet import Lab
+from meshpipe_workers.metrics import read_rss
 from meshpipe_workers.netns import Topology, stop_process
 
 NAMES = ["a", "b"]
@@ -128,6 +132,13 @@ def measure(
 
 
 def run_wireguard(rows: list[Row], topo: Topology, args: argparse.Namespace) -> None:
+    with wireguard(topo, Path(args.workdir)):
+        measure(rows, "wireguard-go", topo, WG_ADDR["b"], args)
+
+
+@contextlib.contextmanager
+def wireguard(topo: Topology, workdir: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """wireguard-go devices wga/wgb, each the other's one peer; their processes."""
     keys: dict[str, tuple[str, str]] = {}
     for n in NAMES:
         priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout
@@ -135,14 +146,14 @@ def run_wireguard(rows: list[Row], topo: Topology, args: argparse.Namespace) -> 
             ["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True
         ).stdout
         keys[n] = (priv.strip(), pub.strip())
-    procs = []
-    keydir = Path(args.workdir) / "wg"
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    keydir = workdir / "wg"
     keydir.mkdir(parents=True, exist_ok=True)
     try:
         for n in NAMES:
             dev = f"wg{n}"
             env = {**os.environ, "WG_PROCESS_FOREGROUND": "1"}
-            procs.append(topo.exec(n, ["wireguard-go", dev], env=env, stdout=subprocess.DEVNULL))
+            procs[n] = topo.exec(n, ["wireguard-go", dev], env=env, stdout=subprocess.DEVNULL)
         for n in NAMES:
             dev, other = f"wg{n}", ("b" if n == "a" else "a")
             keyfile = keydir / f"{n}.key"
@@ -163,9 +174,9 @@ def run_wireguard(rows: list[Row], topo: Topology, args: argparse.Namespace) -> 
                 res = topo.run(n, c)
                 if res.returncode != 0:
                     raise BenchError(f"{' '.join(c)}: {res.stderr.strip()}")
-        measure(rows, "wireguard-go", topo, WG_ADDR["b"], args)
+        yield procs
     finally:
-        for p in procs:
+        for p in procs.values():
             stop_process(p, grace=2)
 
 
@@ -191,14 +202,11 @@ def run_meshpipe(
     """Measure the tunnel with ``crypto`` crypto workers (TUN offloads and UDP GSO/GRO
     on or off); return the idle node's total RSS in bytes (node b)."""
     assert lab.topo is not None
-    for n in NAMES:
-        cfg = lab.nodes[n].config
-        base = cfg.read_text().split(MARK)[0]
-        cfg.write_text(
-            f'{base}{MARK}\n[tunnel]\nenabled = true\nname = "mesh0"\n'
-            f"offload = {'true' if offload else 'false'}\n"
-            f"\n[workers]\ncrypto = {crypto}\nudp_offload = {str(udp_offload).lower()}\n"
-        )
+    set_tunnel_config(
+        lab,
+        f"offload = {'true' if offload else 'false'}\n",
+        f"crypto = {crypto}\nudp_offload = {str(udp_offload).lower()}\n",
+    )
     lab.start_all()
     lab.wait_for(lambda: lab.route("a", "b") is not None, 30, "a's route to b")
     ident = lab.cli("b", "id")
@@ -216,6 +224,18 @@ def run_meshpipe(
     for n in NAMES:
         lab.stop(n)
     return rss
+
+
+def set_tunnel_config(lab: Lab, tunnel: str, workers: str, extra: str = "") -> None:
+    """Every node's config: its Lab part, then ``[tunnel]`` (on, device mesh0, plus
+    ``tunnel``), ``[workers]`` (``workers``) and raw ``extra`` TOML."""
+    for n in NAMES:
+        cfg = lab.nodes[n].config
+        base = cfg.read_text().split(MARK)[0]
+        cfg.write_text(
+            f'{base}{MARK}\n[tunnel]\nenabled = true\nname = "mesh0"\n{tunnel}'
+            f"\n[workers]\n{workers}\n{extra}\n"
+        )
 
 
 def meshpipe_system(crypto: int, offload: bool = True, udp_offload: bool = True) -> str:
@@ -237,28 +257,7 @@ def crypto_counts(text: str) -> list[int]:
 def node_rss(lab: Lab, name: str) -> int:
     """RSS of the node's supervisor and all its descendants (workers, helpers)."""
     st = lab.cli(name, "status")
-    root = int(st["supervisor"]["pid"])
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+    return sum(read_rss(pid) or 0 for pid in process_tree(int(st["supervisor"]["pid"])))
 
 
 # -- main ------------------------------------------------------------------------------------

@@ -203,7 +203,9 @@ def _fmt_status(s: dict[str, Any]) -> None:
     print(f"uptime    {s['uptime_s']} s")
     print(f"neighbours {s['neighbours']}, routes {s['routes']}")
     for w in s.get("supervisor", {}).get("workers", []):
-        print(f"worker    {w['role']:<24} pid {w['pid']}  restarts {w['restarts']}")
+        pss = w.get("pss_bytes")
+        mem = f"  PSS {pss / (1 << 20):.1f} MB" if pss else ""
+        print(f"worker    {w['role']:<24} pid {w['pid']}  restarts {w['restarts']}{mem}")
     drops = {k: v for k, v in s["counters"].items() if k.startswith("drop.")}
     if drops:
         print("drops     " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

@@ -212,6 +212,9 @@ class DiscoverySection:
     refresh: float = 40.0
 
 
+RING_BYTES = 4 << 20  # default [limits] ring_bytes: the data area of one worker ring
+
+
 @dataclass(frozen=True)
 class LimitsSection:
     """``[limits]``: caps on what other nodes can make this node hold. Each one is
@@ -233,6 +236,12 @@ class LimitsSection:
     max_routes: int = CoreLimits.max_routes
     max_routes_per_neighbour: int = CoreLimits.max_routes_per_neighbour
     max_neighbours: int = CoreLimits.max_neighbours
+    # memory of this node itself (smaller on a small router): the data area of each
+    # shared-memory ring between two workers, and the bytes an MSP stream holds
+    # unacknowledged (send) and unread (receive: the advertised window)
+    ring_bytes: int = RING_BYTES
+    stream_send_buffer: int = MspParams.send_buffer
+    stream_recv_buffer: int = MspParams.recv_buffer
 
     def core_limits(self) -> CoreLimits:
         return CoreLimits(
@@ -255,6 +264,8 @@ class LimitsSection:
             max_syn_streams_per_peer=self.max_syn_streams_per_peer,
             max_reassembly=self.max_reassembly_bytes,
             max_reassembly_per_peer=self.max_reassembly_bytes_per_peer,
+            send_buffer=self.stream_send_buffer,
+            recv_buffer=self.stream_recv_buffer,
         )
 
 
@@ -903,12 +914,22 @@ _LIMIT_KEYS = (
     "max_routes",
     "max_routes_per_neighbour",
     "max_neighbours",
+    "ring_bytes",
+    "stream_send_buffer",
+    "stream_recv_buffer",
 )
+# Lower bounds where 1 would not work: a ring must hold a batch of full-size frames,
+# a stream window a few segments.
+_LIMIT_FLOOR = {
+    "ring_bytes": 64 << 10,
+    "stream_send_buffer": 16 << 10,
+    "stream_recv_buffer": 16 << 10,
+}
 
 
 def _section_limits(t: _Table) -> LimitsSection:
     d = LimitsSection()
-    v = {k: t.integer(k, getattr(d, k), lo=1, hi=1 << 32) for k in _LIMIT_KEYS}
+    v = {k: t.integer(k, getattr(d, k), lo=_LIMIT_FLOOR.get(k, 1), hi=1 << 32) for k in _LIMIT_KEYS}
     for part, whole in (
         ("max_service_records_per_origin", "max_service_records"),
         ("max_service_records_per_neighbour", "max_service_records"),

@@ -1029,6 +1029,8 @@ def test_limits_section(tmp_path: Path) -> None:
     assert_error(
         tmp_path, MINIMAL + "\n[limits]\nmax_syn_streams = 0\n", "limits.max_syn_streams", "least"
     )
+
+
 # -- per-hop recovery -------------------------------------------------------------------------
 
 
@@ -1077,7 +1079,6 @@ def test_dns_is_off_by_default_and_takes_a_listen_address(tmp_path: Path) -> Non
     assert cfg.dns.listen == ("127.0.0.1", 5353)
     assert_error(tmp_path, MINIMAL + '[dns]\nlisten = "localhost:53"\n', "dns.listen", "numeric")
     assert_error(tmp_path, MINIMAL + "[dns]\nport = 53\n", "dns.port", "unknown key")
-
 
 
 def test_udp_service_by_protocol(tmp_path: Path) -> None:

@@ -267,6 +267,7 @@ class ControlWorker:
         self.rx: list[Ring] = []
         self.worker_reports: dict[tuple[int, int], dict[str, Any]] = {}
         self.supervisor_state: dict[str, Any] = {}
+        self.memory = metrics.MemoryReader()  # the processes' RSS/PSS for `status`
         for w in rings["interfaces"]:
             rx = Ring.attach(RingSpec.from_json(w["rx"]))
             tx = Ring.attach(RingSpec.from_json(w["tx"]))
@@ -723,8 +724,28 @@ class ControlWorker:
             "listening": [{"port": p} for p in self.core.msp.listening()],
             "counters": dict(counters),
             "workers": workers,
-            "supervisor": self.supervisor_state,
+            "supervisor": self._supervisor_with_memory(),
         }
+
+    def _supervisor_with_memory(self) -> dict[str, Any]:
+        """The supervisor's worker table with each process's RSS and PSS (bytes; PSS at
+        most metrics.PSS_MAX_AGE old), the supervisor's and the zygote's too."""
+        sup = dict(self.supervisor_state)
+        if not sup:
+            return sup
+
+        def mem(pid: Any) -> dict[str, int | None]:
+            got = self.memory(int(pid)) if pid else None
+            return {"rss_bytes": got[0] if got else None, "pss_bytes": got[1] if got else None}
+
+        sup["workers"] = [{**w, **mem(w.get("pid"))} for w in sup.get("workers", [])]
+        sup.update(mem(sup.get("pid")))
+        if sup.get("zygote"):
+            sup["zygote"] = {**sup["zygote"], **mem(sup["zygote"].get("pid"))}
+        pids = {int(w["pid"]) for w in sup["workers"] if w.get("pid")}
+        zygote = int((sup.get("zygote") or {}).get("pid") or 0)
+        self.memory.forget_except(pids | {int(sup.get("pid") or 0), zygote})
+        return sup
 
     # -- main loop --------------------------------------------------------------------
 

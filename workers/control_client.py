@@ -181,9 +181,7 @@ def run_pipe(
         buf += chunk
 
 
-def gap_reporter(
-    stdout_fd: int, stderr: Any, fill_zero: bool
-) -> Callable[[int, int], None]:
+def gap_reporter(stdout_fd: int, stderr: Any, fill_zero: bool) -> Callable[[int, int], None]:
     """What ``msp connect/listen`` does with a gap: one JSON line on stderr, and with
     ``--gap-fill zero`` as many zero bytes on stdout (byte offsets are kept)."""
 

@@ -38,6 +38,7 @@ from meshpipe.dataplane import shard_of
 from meshpipe.errors import RecordError
 from meshpipe.link.recovery import HopRecovery
 from meshpipe_workers import messages as msg
+from meshpipe_workers.ifaddr import device_of
 from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
@@ -381,17 +382,6 @@ def _cut(buf: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
             if 0 < size < len(buf):
                 return [buf[i : i + size] for i in range(0, len(buf), size)]
     return [buf]
-
-
-def device_of(ip: str) -> str | None:
-    """Name of the network device that carries ``ip`` in this namespace (netlink)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        for msg_ in ipr.get_addr(address=ip):
-            name = socket.if_indextoname(int(msg_["index"]))
-            return name
-    return None
 
 
 def _fmt(addr: msg.UdpAddr) -> str:

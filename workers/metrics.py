@@ -129,18 +129,32 @@ def read_rss(pid: int) -> int | None:
         return None
 
 
-def read_pss(pid: int) -> int | None:
-    """Proportional set size in bytes from /proc/PID/smaps_rollup (the kernel walks
-    every mapping for it); None if the process is gone."""
+def read_rollup(pid: int) -> dict[str, int] | None:
+    """/proc/PID/smaps_rollup in bytes (``Pss``, ``Private_Clean``, ...; the kernel
+    walks every mapping for it); None if the process is gone."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             text = f.read()
     except OSError:
         return None
+    out: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith(b"Pss:"):
-            return int(line.split()[1]) * 1024
-    return None
+        key, _, rest = line.partition(b":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == b"kB":
+            out[key.decode()] = int(parts[0]) * 1024
+    return out
+
+
+def read_pss(pid: int) -> int | None:
+    """Proportional set size in bytes; None if the process is gone."""
+    rollup = read_rollup(pid)
+    return None if rollup is None else rollup.get("Pss")
+
+
+def uss_of(rollup: dict[str, int]) -> int:
+    """Unique set size: the pages only this process maps."""
+    return rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
 
 
 class MemoryReader:

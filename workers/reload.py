@@ -170,8 +170,8 @@ def follow_log_level(config_path: str) -> None:
 
 
 def ignore_sighup_in_child() -> None:
-    """``preexec_fn`` of every worker: SIGHUP stays ignored until it installs its own
-    handler, so a reload never kills a worker that is still starting."""
+    """Run in every worker as the zygote forks it: SIGHUP stays ignored until it
+    installs its own handler, so a reload never kills a worker that is still starting."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 

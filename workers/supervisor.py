@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,10 +26,11 @@ from meshpipe.identity import Identity
 from meshpipe_workers import messages as msg
 from meshpipe_workers import reload, sdnotify
 from meshpipe_workers.ring import Ring
+from meshpipe_workers.zygote import WorkerProc, Zygote, ZygoteError, reap_strangers
 
-RING_BYTES = 4 << 20
 RESTART_BACKOFF_MAX = 10.0
-POLL = 0.2
+STABLE_AFTER = 30.0  # a worker that ran this long starts again with the first backoff
+POLL = 0.2  # until the control socket answers; then the loop sleeps until an event
 # On SIGTERM the control worker goes first and says goodbye (route retractions,
 # service withdrawals) through the interface workers, which must still be running.
 CONTROL_STOP_WAIT = 3.0
@@ -39,9 +40,10 @@ STOP_WAIT = 5.0  # then SIGKILL; the unit's TimeoutStopSec leaves room for both
 @dataclass
 class WorkerSpec:
     role: str  # "control", "interface:<name>:<k>", "radio:<name>", "crypto:<k>", "tun"
+    module: str  # its main(argv) runs in a process forked from the zygote
     argv: list[str]
     fds: list[int]
-    proc: subprocess.Popen[bytes] | None = None
+    proc: WorkerProc | None = None
     restarts: int = 0
     next_start: float = 0.0
     backoff: float = 0.5
@@ -54,6 +56,9 @@ class Supervisor:
         self.cfg = cfg
         self.config_path = os.path.abspath(config_path)
         self.identity = identity
+        # First, while this process holds nothing but its config: the clean parent
+        # of every worker (workers/zygote.py).
+        self.zygote = Zygote.fork()
         self.log = log.get()
         self.rings: list[Ring] = []
         self.workers: list[WorkerSpec] = []
@@ -64,7 +69,7 @@ class Supervisor:
         self._add_metrics_worker()
 
     def _ring(self) -> Ring:
-        r = Ring.create(RING_BYTES)
+        r = Ring.create(self.cfg.limits.ring_bytes)
         self.rings.append(r)
         return r
 
@@ -78,7 +83,6 @@ class Supervisor:
           every other crypto worker (packets its TUN queue read for their peers).
         The TUN worker only owns the device: no rings.
         """
-        py = sys.executable
         sid = str(self.identity.sid)
         n_crypto = self.cfg.workers.crypto
         tunnel = self.cfg.tunnel.enabled
@@ -110,10 +114,8 @@ class Supervisor:
                 self.workers.append(
                     WorkerSpec(
                         role=f"radio:{icfg.name}" if radio else f"interface:{icfg.name}:{k}",
+                        module="meshpipe_workers.radio" if radio else "meshpipe_workers.interface",
                         argv=[
-                            py,
-                            "-m",
-                            "meshpipe_workers.radio" if radio else "meshpipe_workers.interface",
                             "--config",
                             self.config_path,
                             "--iface",
@@ -149,10 +151,8 @@ class Supervisor:
             self.workers.append(
                 WorkerSpec(
                     role=f"crypto:{c}",
+                    module="meshpipe_workers.crypto",
                     argv=[
-                        py,
-                        "-m",
-                        "meshpipe_workers.crypto",
                         "--config",
                         self.config_path,
                         "--index",
@@ -169,10 +169,8 @@ class Supervisor:
             self.workers.append(
                 WorkerSpec(
                     role="tun",
+                    module="meshpipe_workers.tun",
                     argv=[
-                        py,
-                        "-m",
-                        "meshpipe_workers.tun",
                         "--config",
                         self.config_path,
                         "--sid",
@@ -185,10 +183,8 @@ class Supervisor:
             0,
             WorkerSpec(
                 role="control",
+                module="meshpipe_workers.control",
                 argv=[
-                    py,
-                    "-m",
-                    "meshpipe_workers.control",
                     "--config",
                     self.config_path,
                     "--rings",
@@ -202,9 +198,9 @@ class Supervisor:
         """The Prometheus endpoint, when ``[metrics] listen`` is set (no rings)."""
         if self.cfg.metrics.listen is None:
             return
-        argv = [sys.executable, "-m", "meshpipe_workers.metrics", "--config", self.config_path]
+        argv = ["--config", self.config_path, "--sid", str(self.identity.sid)]
         self.workers.append(
-            WorkerSpec(role="metrics", argv=[*argv, "--sid", str(self.identity.sid)], fds=[])
+            WorkerSpec(role="metrics", module="meshpipe_workers.metrics", argv=argv, fds=[])
         )
 
     def _reload(self) -> None:
@@ -237,12 +233,21 @@ class Supervisor:
                 w.proc.send_signal(signal.SIGHUP)
 
     def _start(self, w: WorkerSpec) -> None:
-        w.proc = subprocess.Popen(
-            w.argv,
-            pass_fds=w.fds,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=reload.ignore_sighup_in_child,  # single-threaded: safe here
-        )
+        """Fork the worker from the zygote (SIGHUP ignored in it until the worker sets
+        its handler; only ``w.fds`` besides stdio); a dead zygote is replaced first."""
+        try:
+            try:
+                w.proc = self.zygote.spawn(w.role, w.module, w.argv, w.fds)
+            except ZygoteError as exc:
+                self.log.warning("zygote.restarted", error=str(exc))
+                self.zygote.close()
+                self.zygote = Zygote.start()
+                w.proc = self.zygote.spawn(w.role, w.module, w.argv, w.fds)
+        except (ZygoteError, OSError) as exc:  # tried again after the backoff
+            self.log.error("worker.start_failed", worker=w.role, error=str(exc))
+            w.next_start = time.monotonic() + w.backoff
+            w.backoff = min(w.backoff * 2, RESTART_BACKOFF_MAX)
+            return
         w.started_at = time.monotonic()
         self.log.info("worker.start", worker=w.role, pid=w.proc.pid)
 
@@ -253,9 +258,9 @@ class Supervisor:
             if w.proc is not None:
                 code = w.proc.poll()
                 if code is None:
-                    if now - w.started_at > 30:
-                        w.backoff = 0.5  # stable again: forget old failures
                     continue
+                if now - w.started_at > STABLE_AFTER:
+                    w.backoff = 0.5  # it ran stably: forget old failures
                 w.proc = None
                 w.restarts += 1
                 w.next_start = now + w.backoff
@@ -265,18 +270,22 @@ class Supervisor:
                 w.backoff = min(w.backoff * 2, RESTART_BACKOFF_MAX)
             elif now >= w.next_start:
                 self._start(w)
+                if w.proc is None:
+                    continue
                 if w.restarts:
-                    assert w.proc is not None
                     self.log.warning(
                         "worker.restarted", worker=w.role, pid=w.proc.pid, restarts=w.restarts
                     )
                 changed = True
         if changed:
             self._publish_workers()
+        known = {w.proc.pid for w in self.workers if w.proc is not None}
+        reap_strangers(known | {self.zygote.pid})
 
     def _publish_workers(self) -> None:
         body = {
             "pid": os.getpid(),
+            "zygote": {"pid": self.zygote.pid},
             "workers": [
                 {"role": w.role, "pid": w.proc.pid if w.proc else None, "restarts": w.restarts}
                 for w in self.workers
@@ -301,9 +310,16 @@ class Supervisor:
         def _hup(_sig: int, _frm: object) -> None:
             self.reload_wanted = True
 
+        # Every signal (a worker's SIGCHLD too) writes a byte to `wake`: the loop
+        # sleeps in select() until then or until its next deadline, not in a poll.
+        wake, wake_in = socket.socketpair()
+        wake.setblocking(False)
+        wake_in.setblocking(False)
+        signal.set_wakeup_fd(wake_in.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _hup)
+        signal.signal(signal.SIGCHLD, lambda _s, _f: None)
         sid = self.identity.sid
         self.log.info(
             "node.start",
@@ -333,11 +349,27 @@ class Supervisor:
                     if self.workers[0].proc is not None:
                         sdnotify.notify("WATCHDOG=1")
                     next_ping = time.monotonic() + watchdog
-                time.sleep(POLL)
+                if self.stopping or self.reload_wanted:
+                    continue
+                select.select([wake], [], [], self._sleep_for(watchdog and next_ping))
+                _drain(wake)
         finally:
             sdnotify.notify("STOPPING=1")
+            signal.set_wakeup_fd(-1)
             self._shutdown()
+            wake.close()
+            wake_in.close()
         return 0
+
+    def _sleep_for(self, next_ping: float | None) -> float | None:
+        """Seconds until the loop has something to do (None: only a signal): the
+        control socket's first answer, a worker's restart, the watchdog ping."""
+        if not self.ready:
+            return POLL
+        due = [w.next_start for w in self.workers if w.proc is None]
+        if next_ping is not None:
+            due.append(next_ping)
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _shutdown(self) -> None:
         control = self.workers[0].proc
@@ -361,7 +393,16 @@ class Supervisor:
         for r in self.rings:
             r.close()
             r.unlink()
+        self.zygote.close()
         self.log.info("node.stop")
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _fds(specs: Any) -> list[int]:

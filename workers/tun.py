@@ -30,7 +30,6 @@ import fcntl
 import os
 import struct
 import sys
-import time
 from collections import Counter
 from typing import Any
 
@@ -181,6 +180,29 @@ def configure_tun(tcfg: TunnelSection, own_sid: bytes) -> None:
                 ipr.route("replace", dst=str(r.prefix), oif=idx)
 
 
+def configure_in_child(tcfg: TunnelSection, sid: bytes) -> None:
+    """:func:`configure_tun` in a short-lived child: pyroute2 (about 12 MB once
+    imported) never enters this long-lived worker. Raises TunError with the child's."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            configure_tun(tcfg, sid)
+        except BaseException as exc:
+            os.write(w, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        error = f.read().decode(errors="replace")
+    _pid, status = os.waitpid(pid, 0)
+    if error or os.waitstatus_to_exitcode(status) != 0:
+        raise TunError(f"configuring {tcfg.name}: {error or 'the child failed'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshpipe-tun-worker")
     p.add_argument("--config", required=True)
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = open_queue(tcfg.name, tcfg.offload)
         if tcfg.offload:
             set_offloads(fd, tcfg.name)
-        configure_tun(tcfg, sid)
+        configure_in_child(tcfg, sid)
         # Hold the device without taking flows: the crypto workers' queues read them.
         fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH", b"", IFF_DETACH_QUEUE))
     except (MeshpipeError, OSError) as exc:
@@ -210,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = StopFlag()
     while not stop:
-        time.sleep(0.5)
+        stop.sleep(60.0)  # nothing to do but hold the device: wake for signals only
     os.close(fd)
     return 0
 
