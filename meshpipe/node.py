@@ -87,6 +87,8 @@ from meshpipe.routing import (
 # 255-byte radio frame carry a mesh frame behind its link header.
 MIN_MTU = 192
 
+LONELY_HELLO_INTERVAL = 10.0  # seconds; hellos on an interface with no neighbour yet
+
 
 @dataclass(frozen=True)
 class InterfaceParams:
@@ -331,6 +333,10 @@ class NodeCore:
         for i, p in enumerate(self.interfaces):
             if now >= self._next_hello[i]:
                 interval = self.iface_timing[i].hello_interval
+                if not self.links.on_iface(i):
+                    # Nobody heard yet (nodes booted together, a first hello lost or
+                    # collided): try again soon; it costs a link with neighbours nothing.
+                    interval = min(interval, LONELY_HELLO_INTERVAL)
                 jitter = self.timing.jitter * self.rng.random()
                 self._next_hello[i] = now + interval * (1.0 - jitter)
                 for f in self.links.build_hello(i, now, p.mtu):

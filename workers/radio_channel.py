@@ -97,7 +97,7 @@ class RadioChannel:
         max_queue: int = 64 * 1024,
         *,
         slot: float = 0.005,
-        cw: int = 8,
+        cw: int = 15,
         sense_delay: float = 0.002,
         hidden: tuple[tuple[str, str], ...] = (),
     ) -> None:
@@ -225,7 +225,8 @@ class RadioChannel:
                 other.hit.add(st.name)
             self._on_air.append(tx)
         for tx in self._on_air:
-            wake = min(wake, tx.end, tx.start + self.sense_delay)
+            sensed = tx.start + self.sense_delay
+            wake = min(wake, tx.end, sensed if sensed > now else wake)
         return wake
 
     def _read(self, st: Station) -> None:
