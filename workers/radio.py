@@ -23,6 +23,10 @@ DATA frames and unwraps what arrives, as the UDP worker does, with bounds for a 
 link (:data:`RADIO_RECOVERY`): acks queue as small frames, a retransmission in the
 class of the frame it repeats.
 
+Unicast DATA frames are header-compressed per neighbour (:mod:`meshpipe.link.compress`,
+after the recovery wrapping, so a LINK frame goes as it is); compressed and context
+frames are rebuilt on receipt before anything else sees them (``compress.*`` counters).
+
 Counters: ``rx.frames``, ``rx.bytes``, ``rx.not_for_us`` (unicast for another
 node), ``rx.addr_conflict`` (a frame claiming our own address), ``rx.malformed``,
 ``tx.frames``, ``tx.bytes`` (on the line, after KISS), ``transit.forwarded``,
