@@ -308,8 +308,9 @@ class LinkCompressor:
             self.counters["compress.rx.nack"] += 1
             if st is None or key is None:
                 return
-            ctx = st.by_key[key]
-            ctx.acked, ctx.define_at = False, -1e18  # define again with the next frame
+            # Define again with the next frame, but never more often than define_interval:
+            # a neighbour that forges NACKs cannot make us send a DEFINE per frame.
+            st.by_key[key].acked = False
         else:
             self.counters["compress.drop.malformed"] += 1
 
