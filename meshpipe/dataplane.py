@@ -395,7 +395,7 @@ class ShardedNode:
             sharded=True,
         )
         self.sid = bytes(identity.sid)
-        mtus = [p.mtu for p in interfaces]
+        mtus = [p.routed_mtu for p in interfaces]
         self.shards = [
             CryptoShard(
                 identity,

@@ -87,6 +87,8 @@ from meshpipe.routing import (
 # 255-byte radio frame carry a mesh frame behind its link header.
 MIN_MTU = 192
 
+LONELY_HELLO_INTERVAL = 10.0  # seconds; hellos on an interface with no neighbour yet
+
 
 @dataclass(frozen=True)
 class InterfaceParams:
@@ -108,6 +110,14 @@ class InterfaceParams:
     flood_dest: LinkAddr | None = MULTICAST
     static_peers: tuple[LinkAddr, ...] = ()
     timing: Timing | None = None
+    # The largest routed DATA frame the link carries when that is more than ``mtu``: a
+    # radio compresses DATA headers per neighbour (meshpipe.link.compress). 0: ``mtu``.
+    # Path MTUs, forwarding and MSP segments use it; control frames keep to ``mtu``.
+    data_mtu: int = 0
+
+    @property
+    def routed_mtu(self) -> int:
+        return self.data_mtu or self.mtu
 
 
 @dataclass(frozen=True)
@@ -256,7 +266,7 @@ class NodeCore:
                 p.timing.update_interval if p.timing else None for p in interfaces
             ],
             iface_route_expiry=[p.timing.route_expiry if p.timing else None for p in interfaces],
-            iface_mtus=[p.mtu for p in interfaces],
+            iface_mtus=[p.routed_mtu for p in interfaces],
             max_routes=limits.max_routes,
             max_routes_per_neighbour=limits.max_routes_per_neighbour,
         )
@@ -265,7 +275,7 @@ class NodeCore:
         self._next_hello = [
             now + self.rng.random() * timing.jitter * t.hello_interval for t in self.iface_timing
         ]
-        self.fwd = Forwarder(self.sid, [p.mtu for p in self.interfaces], self.counters)
+        self.fwd = Forwarder(self.sid, [p.routed_mtu for p in self.interfaces], self.counters)
         self._dirty: dict[bytes, None] = {}  # ordered set, for deterministic replays
         self.fwd_generation = 0  # bumped whenever the forwarding table changes
         self._frame_seq = self.rng.randrange(SEQNO_MOD)  # routing frame counter
@@ -323,6 +333,10 @@ class NodeCore:
         for i, p in enumerate(self.interfaces):
             if now >= self._next_hello[i]:
                 interval = self.iface_timing[i].hello_interval
+                if not self.links.on_iface(i):
+                    # Nobody heard yet (nodes booted together, a first hello lost or
+                    # collided): try again soon; it costs a link with neighbours nothing.
+                    interval = min(interval, LONELY_HELLO_INTERVAL)
                 jitter = self.timing.jitter * self.rng.random()
                 self._next_hello[i] = now + interval * (1.0 - jitter)
                 for f in self.links.build_hello(i, now, p.mtu):

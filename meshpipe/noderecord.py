@@ -182,8 +182,11 @@ class NodeLink:
 
 @dataclass(frozen=True)
 class NodeRecordTiming:
-    lifetime: float = 120.0  # a record is valid this long after it is issued
-    refresh: float = 40.0  # re-issue this often even when nothing changed
+    # Changes re-issue at once (min_interval); the refresh only proves the node is still
+    # there, and every refresh floods the whole mesh, radios included (issue 18: an idle
+    # radio carries at most 1% of its rate): slow.
+    lifetime: float = 450.0  # a record is valid this long after it is issued
+    refresh: float = 150.0  # re-issue this often even when nothing changed
     min_interval: float = 5.0  # never re-issue sooner than this (changes are coalesced)
     check: float = 1.0  # look at the links and sweep expired records this often
     cost_change: float = 0.25  # re-issue when a link cost moves by more than this fraction

@@ -278,14 +278,14 @@ class NodeStack:
         """Largest frame that crosses every link to ``dst``: the route's path MTU (learnt
         from route updates) capped by the first hop's interface; the smallest
         interface MTU when there is no route."""
-        mtus = [p.mtu for p in self.core.interfaces]
+        mtus = [p.routed_mtu for p in self.core.interfaces]
         if bytes(dst) == self.sid:
             return max(mtus)
         hop = self.core.next_hop(dst)
         if hop is None:
             return min(mtus)
         route = self.core.router.route_mtu(dst)
-        first = self.core.interfaces[hop[0]].mtu
+        first = self.core.interfaces[hop[0]].routed_mtu
         return first if route is None else min(first, route)
 
     def max_datagram(self, dst: bytes) -> int:

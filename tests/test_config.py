@@ -818,9 +818,9 @@ RADIO_BAD: list[tuple[str, str, str, str]] = [
     ("queue-small", RADIO + "queue_bytes = 100\n", "interface[0].queue_bytes", "at least"),
     (
         "radio-timeout",
-        RADIO + "hello_interval = 40\n",
+        RADIO + "hello_interval = 150\n",
         "interface[0].neighbour_timeout",
-        "greater than interface[0].hello_interval (40)",
+        "greater than interface[0].hello_interval (150)",
     ),
     (
         "udp-timing-bad",

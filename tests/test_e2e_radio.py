@@ -5,8 +5,8 @@ Two labs run side by side (no root needed: loopback UDP and ptys only):
 * ``p`` and ``q`` linked by radio only;
 * ``a`` -udp(loopback)- ``b`` -radio- ``c``: ``b`` routes between its two interfaces.
 
-The last test measures the idle control traffic on both radio channels and asserts
-it stays under 5% of the link rate.
+The idle test (slow: two minutes) measures the control traffic on both radio channels
+and asserts it stays within 1% of the link rate (issue 18).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from bench.radio_xfer import ROUTES_UP
 from meshpipe import wire
 from meshpipe.actions import BROADCAST
 from meshpipe.config import RADIO_TIMING
@@ -31,9 +32,9 @@ from meshpipe_workers.radio import SendQueue, TokenBucket, priority
 from meshpipe_workers.radio_channel import RadioChannel, radio_interface_toml
 
 RATE = 19_200
-BUDGET = RATE / 8 * 0.05  # 5% of the link rate: 120 bytes/s
+BUDGET = RATE / 8 * 0.01  # 1% of the link rate: 24 bytes/s
 TIMER_KEYS = ("hello_interval", "neighbour_timeout", "update_interval", "route_expiry")
-IDLE_WINDOW = 24.0  # seconds; covers two hellos of every node and most of a dump cycle
+IDLE_WINDOW = 120.0  # seconds; three hellos of every node and a route dump or two
 
 
 @dataclass
@@ -69,10 +70,12 @@ def radios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Radios]:
             for lab in (pair, mesh):
                 for name in lab.names:
                     lab.start(name, wait=False)
-            pair.wait_for(lambda: pair.route("p", "q") and pair.route("q", "p"), 30, "p <-> q")
+            pair.wait_for(
+                lambda: pair.route("p", "q") and pair.route("q", "p"), ROUTES_UP, "p <-> q"
+            )
             mesh.wait_for(
                 lambda: (r := mesh.route("a", "c")) and r["hops"] == 2 and mesh.route("c", "a"),
-                30,
+                ROUTES_UP,
                 "a's route to c over udp + radio",
             )
             yield Radios(pair, pair_air, mesh, mesh_air)
@@ -85,7 +88,8 @@ def test_radio_only_pair_routes_and_ping(radios: Radios) -> None:
     peers = lab.cli("p", "peers")
     assert [x["iface"] for x in peers] == ["radio0"]
     res = lab.cli("p", "ping", lab.nodes["q"].sid[:8], "--count", "3", "--interval", "0.3")
-    assert res["received"] == 3 and res["hops"] == 1, res
+    # One loss allowed: the channel is CSMA, a ping can collide with a hello or a dump.
+    assert res["received"] >= 2 and res["hops"] == 1, res
 
 
 def test_udp_radio_mesh_routes_and_ping(radios: Radios) -> None:
@@ -95,7 +99,7 @@ def test_udp_radio_mesh_routes_and_ping(radios: Radios) -> None:
     back = lab.route("c", "a")
     assert back is not None and back["hops"] == 2 and back["iface"] == "radio0"
     res = lab.cli("a", "ping", lab.nodes["c"].sid[:8], "--count", "3", "--interval", "0.3")
-    assert res["received"] == 3 and res["hops"] == 2, res
+    assert res["received"] >= 2 and res["hops"] == 2, res  # one may collide
     st = lab.cli("b", "status")
     roles = sorted(w["role"] for w in st["supervisor"]["workers"])
     crypto = [r for r in roles if r.startswith("crypto:")]
@@ -103,17 +107,23 @@ def test_udp_radio_mesh_routes_and_ping(radios: Radios) -> None:
     assert sorted(set(roles) - set(crypto)) == ["control", "interface:udp0:0", "radio:radio0"]
 
 
-def test_idle_radio_control_traffic_under_five_percent(radios: Radios) -> None:
+@pytest.mark.slow
+def test_idle_radio_control_traffic_within_one_percent(radios: Radios) -> None:
     before = [radios.pair_air.stats(), radios.mesh_air.stats()]
     time.sleep(IDLE_WINDOW)
     after = [radios.pair_air.stats(), radios.mesh_air.stats()]
     for label, b, a in zip(("p-q radio", "b-c radio"), before, after, strict=True):
         rate = (a.get("air.bytes", 0) - b.get("air.bytes", 0)) / IDLE_WINDOW
+        kinds = {
+            k[len("air.bytes.") :]: round((v - b.get(k, 0)) / IDLE_WINDOW, 1)
+            for k, v in a.items()
+            if k.startswith("air.bytes.") and v > b.get(k, 0)
+        }
         print(
             f"\nidle control traffic on the {label}: {rate:.1f} bytes/s "
-            f"({rate * 8 / RATE:.2%} of {RATE} bit/s; budget {BUDGET:.0f} bytes/s)"
+            f"({rate * 8 / RATE:.2%} of {RATE} bit/s; budget {BUDGET:.0f} bytes/s): {kinds}"
         )
-        assert 0 < rate < BUDGET
+        assert 0 < rate <= BUDGET
 
 
 # -- the pieces, without processes ------------------------------------------------------------
@@ -148,7 +158,7 @@ def test_core_per_interface_timing() -> None:
     assert hellos_radio * 5 < hellos_lan  # 1 s on the LAN, 10 s on the radio
     for name, iface in [("a", 1), ("c", 0), ("d", 0)]:
         idle = (sent[(name, iface, wire.KIND_HELLO)] + sent[(name, iface, wire.KIND_ROUTING)]) / 300
-        assert idle < BUDGET / 3, (name, idle)  # a node's share of the budget, with margin
+        assert idle < BUDGET / 2, (name, idle)  # a node's share of a two-node link's budget
     c, d = mesh.node_as("c", NodeCore), mesh.node_as("d", NodeCore)
     assert [r.sid for r in c.routes()] == [d.sid] and [r.sid for r in d.routes()] == [c.sid]
     changes = [e for _, e in mesh.events.get("c", []) if e.name in ("route.changed", "peer.down")]

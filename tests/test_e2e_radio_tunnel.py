@@ -18,6 +18,7 @@ from functools import partial
 
 import pytest
 
+from bench.radio_xfer import ROUTES_UP
 from meshpipe_workers.labnet import Lab
 from meshpipe_workers.radio_channel import RadioChannel, radio_interface_toml
 from tests.netns import require_root
@@ -52,7 +53,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             lab.start_all()
             lab.wait_for(
                 lambda: (r := lab.route("a", "c")) and r["hops"] == 2 and lab.route("c", "a"),
-                30,
+                ROUTES_UP,
                 "a's route to c over udp + radio",
             )
             for name in ("a", "c"):
@@ -112,5 +113,6 @@ def test_ping6_through_the_tunnel_over_the_radio(mesh: Mesh) -> None:
     )
     tun_c = st["c"]["tunnel"]["stages"]
     assert tun_c["from_mesh"]["packets"] >= received and tun_c["to_mesh"]["packets"] >= received
-    # Each 1,048-byte packet crossed the air as 8 or more frames, each way.
-    assert frames >= received * 2 * 8, (frames, diag)
+    # Each 1,048-byte packet crossed the air as 5 or more frames each way (the radio's
+    # data MTU counts the header compression: 218 bytes of a datagram a frame).
+    assert frames >= received * 2 * 5, (frames, diag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 
@@ -51,6 +52,41 @@ def test_ack_round_trip(
     blocks = tuple((cum + a, cum + a + n) for a, n in rel)
     ack = wire.Ack(stream, cum, window, echo, blocks, now, dup)
     assert wire.decode(wire.encode_ack(ack)) == ack
+
+
+@given(u32, offsets, st.integers(-(2**31) + 1, 2**31 - 1), st.binary(max_size=200), st.booleans())
+def test_short_data_widens_near_the_receivers_next_byte(
+    stream: int, offset: int, skew: int, payload: bytes, fin: bool
+) -> None:
+    """A short DATA segment (32-bit offset) widens to its offset from any reference
+    within 2**31 of it, and costs 4 bytes less."""
+    if fin:
+        payload = b""
+    full = wire.encode_data(stream, offset, 7, payload, fin=fin, origin_ts=None)
+    short = wire.encode_data(stream, offset, 7, payload, fin=fin, origin_ts=None, short=True)
+    assert len(short) == len(full) - 4
+    seg = wire.decode(short)
+    assert isinstance(seg, wire.Data) and seg.short
+    ref = max(0, offset + skew)
+    assert wire.widen_data(seg, ref) == wire.Data(stream, offset, 7, None, fin, payload)
+
+
+@given(
+    u32,
+    offsets,
+    st.integers(-(2**31) + 1, 2**31 - 1),
+    st.lists(st.tuples(st.integers(1, 2**20), st.integers(1, 2**20)), max_size=4),
+)
+def test_short_ack_widens_near_the_senders_oldest_byte(
+    stream: int, cum: int, skew: int, rel: list[tuple[int, int]]
+) -> None:
+    blocks = tuple((cum + a, cum + a + n) for a, n in rel)
+    ack = wire.Ack(stream, cum, 1000, 9, blocks, False, False)
+    encoded = wire.encode_ack(dataclasses.replace(ack, short=True))
+    assert len(encoded) == len(wire.encode_ack(ack)) - 4
+    seg = wire.decode(encoded)
+    assert isinstance(seg, wire.Ack) and seg.short
+    assert wire.widen_ack(seg, max(0, cum + skew)) == ack
 
 
 @given(u32, st.integers(1, 65535), st.sampled_from(list(Mode)), u32, u32, u32)
@@ -245,4 +281,4 @@ def test_segments_are_recut_when_the_path_mtu_shrinks() -> None:
             if far.eof and s.all_acked:
                 break
     assert bytes(got) == data
-    assert pipe.a.counters["msp.resegmented"] > 0 and s.mss == 300 - 95 - 18
+    assert pipe.a.counters["msp.resegmented"] > 0 and s.mss == 300 - 95 - wire.SHORT_DATA_HEADER_LEN

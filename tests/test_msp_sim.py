@@ -26,6 +26,7 @@ from meshpipe.msp import (
     StreamGap,
     StreamRefused,
 )
+from meshpipe.msp import wire as msp_wire
 from meshpipe.node import InterfaceParams
 from meshpipe.sim import GilbertElliott, LinkProfile, SimMesh
 from meshpipe.stack import NodeStack
@@ -325,7 +326,8 @@ def test_reliable_stream_over_a_small_mtu_path() -> None:
     t = Transfer(line, data)
     t.run(limit=300.0)
     assert t.result == data
-    assert t.stream.mss == 255 - 95 - 18
+    # A radio-sized path: DATA carries the 14-byte short form (32-bit offsets).
+    assert t.stream.mss == 255 - 95 - msp_wire.SHORT_DATA_HEADER_LEN
 
 
 def test_path_mtu_is_learnt_from_routes_and_segments_shrink() -> None:
@@ -381,7 +383,7 @@ def test_path_mtu_is_learnt_from_routes_and_segments_shrink() -> None:
         if len(got) == len(data):
             break
     assert bytes(got) == data
-    assert box[0].mss == 255 - 95 - 18
+    assert box[0].mss == 255 - 95 - msp_wire.SHORT_DATA_HEADER_LEN
     assert sim.stats.dropped_mtu == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from meshpipe.actions import BROADCAST, MULTICAST
 from meshpipe.config import Config, TimingSection
+from meshpipe.link import compress
 from meshpipe.node import InterfaceParams, Timing
 
 
@@ -14,7 +15,11 @@ def interface_params(cfg: Config) -> list[InterfaceParams]:
         if i.kind == "radio":
             # One transmission reaches every neighbour; the link header rides inside the MTU
             # (and the per-hop recovery header: InterfaceConfig.link_overhead).
-            p = InterfaceParams(i.name, i.mtu - i.link_overhead, BROADCAST, (), t)
+            mtu = i.mtu - i.link_overhead
+            # Routed DATA frames get the header compression's gain, unless per-hop
+            # recovery wraps them (a LINK frame is not compressed).
+            data_mtu = mtu + compress.GAIN if i.hop_recovery == "off" else 0
+            p = InterfaceParams(i.name, mtu, BROADCAST, (), t, data_mtu)
         else:
             p = InterfaceParams(
                 i.name,

@@ -79,7 +79,7 @@ class CryptoWorker:
         now = time.monotonic()
         self.shard = CryptoShard(
             identity,
-            [p.mtu for p in interface_params(cfg)],
+            [p.routed_mtu for p in interface_params(cfg)],
             now,
             # Handshake timestamps from the wall clock: a restarted worker's are newer.
             epoch_ns=time.time_ns(),

@@ -23,6 +23,10 @@ DATA frames and unwraps what arrives, as the UDP worker does, with bounds for a 
 link (:data:`RADIO_RECOVERY`): acks queue as small frames, a retransmission in the
 class of the frame it repeats.
 
+Unicast DATA frames are header-compressed per neighbour (:mod:`meshpipe.link.compress`,
+after the recovery wrapping, so a LINK frame goes as it is); compressed and context
+frames are rebuilt on receipt before anything else sees them (``compress.*`` counters).
+
 Counters: ``rx.frames``, ``rx.bytes``, ``rx.not_for_us`` (unicast for another
 node), ``rx.addr_conflict`` (a frame claiming our own address), ``rx.malformed``,
 ``tx.frames``, ``tx.bytes`` (on the line, after KISS), ``transit.forwarded``,
@@ -49,7 +53,7 @@ from collections import Counter, deque
 from meshpipe import log, wire
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.errors import FrameError, RecordError
-from meshpipe.link import kiss
+from meshpipe.link import compress, kiss
 from meshpipe.link.recovery import F_DATA, OVERHEAD, HopRecovery, RecoveryParams
 from meshpipe_workers import messages as msg
 from meshpipe_workers.reload import follow_log_level
@@ -234,6 +238,11 @@ class RadioWorker:
         self.forwarding: dict[bytes, tuple[int, int]] = {}
         self.hop = HopRecovery(cfg.hop_recovery, self.counters, random.Random(), RADIO_RECOVERY)
         self.decoder = kiss.KissDecoder(cfg.mtu)
+        # Header compression per neighbour (meshpipe.link.compress): the core's data MTU
+        # on this radio counts its gain (workers.coreparams), so it is always on.
+        self.comp = compress.LinkCompressor(
+            cfg.mtu - kiss.RADIO_HEADER_LEN, random.Random(), self.counters
+        )
         self.queue = SendQueue(cfg.queue_bytes, self.counters)
         # One worst-case frame of burst: never more than one frame ahead of the air.
         self.bucket = TokenBucket(
@@ -279,7 +288,15 @@ class RadioWorker:
             return
         self.counters["rx.frames"] += 1
         self.counters["rx.bytes"] += len(raw)
-        inner = self.hop.receive(src, frame, time.monotonic())
+        now = time.monotonic()
+        if compress.is_link_frame(frame):
+            rebuilt, replies = self.comp.decode(src, frame, now)
+            for reply in replies:
+                self._queue(src, reply, PRIO_CONTROL)
+            if rebuilt is None:
+                return
+            frame = rebuilt
+        inner = self.hop.receive(src, frame, now)
         if inner is not None and not self._forward_transit(inner):
             up.append(radio_in(self.iface, src, inner))
 
@@ -304,8 +321,13 @@ class RadioWorker:
 
     def enqueue(self, dst: int, frame: bytes) -> None:
         prio = priority(frame)  # of the mesh frame, before the recovery header
-        if dst != kiss.RADIO_BROADCAST:
-            frame = self.hop.send(dst, frame, time.monotonic())
+        if dst == kiss.RADIO_BROADCAST:
+            self._queue(dst, frame, prio)
+            return
+        now = time.monotonic()
+        *setup, frame = self.comp.encode(dst, self.hop.send(dst, frame, now), now)
+        for link_frame in setup:
+            self._queue(dst, link_frame, PRIO_CONTROL)
         self._queue(dst, frame, prio)
 
     def _queue(self, dst: int, frame: bytes, prio: int) -> None:

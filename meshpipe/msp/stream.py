@@ -343,6 +343,14 @@ class Stream:
     # -- driven by Msp -------------------------------------------------------------------------
 
     def on_segment(self, seg: wire.Segment, now: float) -> None:
+        try:
+            if isinstance(seg, wire.Data) and seg.short:
+                seg = wire.widen_data(seg, self._reasm.next)
+            elif isinstance(seg, wire.Ack) and seg.short:
+                seg = wire.widen_ack(seg, self._snd_una)
+        except wire.SegmentError:
+            self.host.count("msp.drop.bad_segment")
+            return
         self.last_recv = now
         if isinstance(seg, wire.Rst):
             self._close(seg.code, now)
@@ -481,6 +489,9 @@ class Stream:
     def _compute_mss(self) -> int:
         room = self.host.max_plaintext(self.peer)
         head = wire.DEADLINE_DATA_HEADER_LEN if self.mode is Mode.DEADLINE else wire.DATA_HEADER_LEN
+        self._short = room <= wire.SHORT_ROOM  # a radio path: short offsets (msp.wire)
+        if self._short:
+            head -= wire.DATA_HEADER_LEN - wire.SHORT_DATA_HEADER_LEN
         if self.mode is Mode.DATAGRAM:
             head = wire.DGRAM_HEADER_LEN
         return max(1, room - head)
@@ -593,7 +604,13 @@ class Stream:
         origin = None if seg.origin is None else ts_ms(seg.origin)
         self._send(
             wire.encode_data(
-                self.number, seg.offset, ts_ms(now), payload, fin=seg.fin, origin_ts=origin
+                self.number,
+                seg.offset,
+                ts_ms(now),
+                payload,
+                fin=seg.fin,
+                origin_ts=origin,
+                short=self._short,
             )
         )
         if self._inflight == 0:
@@ -872,7 +889,9 @@ class Stream:
         cum = self._cum()
         blocks = tuple(self._reasm.ranges(limit)) if self.mode is not Mode.DATAGRAM else ()
         window = min(max(0, edge - cum), TS_MASK)
-        ack = wire.Ack(self.number, cum, window, self._echo, blocks, request, self._ack_dup)
+        ack = wire.Ack(
+            self.number, cum, window, self._echo, blocks, request, self._ack_dup, self._short
+        )
         self._send(wire.encode_ack(ack))
         self._adv_edge = edge
         self._unacked = 0

@@ -16,10 +16,18 @@ nibble is the segment type, its high nibble flags. Sizes (bytes, before the sess
 ``ts`` of the segment that caused it, which gives RTT samples that stay right across
 retransmissions (the idea of TCP timestamps, RFC 7323). Offsets count stream bytes;
 a FIN occupies one unit after the last byte, as in TCP.
+
+Short forms (flag ``F_SHORT``): on a path whose plaintext room is at most
+``SHORT_ROOM`` bytes (a radio hop), DATA's offset and ACK's cum are sent as their low
+32 bits (DATA 14 bytes, ACK 18 + 8n). The receiver takes the value nearest its own
+reference (the next byte it expects for DATA, the oldest unacknowledged one for an
+ACK): every valid offset lies within 2**31 of it, since windows and buffers are far
+smaller. The offsets stay inside the AEAD, so nothing is weakened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass
@@ -44,6 +52,8 @@ F_FIN = 0x10  # DATA: this segment is the FIN (zero payload, one unit of offset 
 F_ORIGIN = 0x20  # DATA: an origin_ts (deadline mode) follows ts
 F_ACK_NOW = 0x10  # ACK: the receiver of this ACK must answer with an ACK (probe)
 F_DUP = 0x20  # ACK: caused by a segment that had already arrived (DSACK-like)
+F_SHORT = 0x40  # DATA, ACK: the offset (cum) is its low 32 bits (see expand_offset)
+SHORT_ROOM = 1024  # paths with at most this much plaintext room use the short forms
 
 COMMON = struct.Struct("!BBI")
 SYN = struct.Struct("!BBIHBBIII")
@@ -55,10 +65,13 @@ SACK_BLOCK = struct.Struct("!II")
 RST = struct.Struct("!BBIB")
 SKIP = struct.Struct("!BBIQ")
 DGRAM = struct.Struct("!BBIIHH")
+SHORT_DATA = struct.Struct("!BBIII")
+SHORT_ACK = struct.Struct("!BBIIII")
 
 DATA_HEADER_LEN = DATA.size  # 18
 DEADLINE_DATA_HEADER_LEN = DATA.size + ORIGIN.size  # 22
 DGRAM_HEADER_LEN = DGRAM.size  # 14
+SHORT_DATA_HEADER_LEN = SHORT_DATA.size  # 14
 MAX_SACK_BLOCKS = 16
 MAX_OFFSET = 2**62  # far beyond any stream; keeps offset arithmetic away from u64 wrap
 
@@ -118,6 +131,7 @@ class Data:
     origin_ts: int | None
     fin: bool
     payload: bytes
+    short: bool = False  # offset holds only the low 32 bits (expand_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,7 @@ class Ack:
     blocks: tuple[tuple[int, int], ...]  # absolute [start, end) ranges above cum
     ack_now: bool
     dup: bool
+    short: bool = False  # cum and blocks are relative to cum's low 32 bits (expand_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +174,34 @@ def _byte(kind: int, flags: int = 0) -> int:
     return kind | flags
 
 
+def expand_offset(ref: int, low: int) -> int:
+    """The offset nearest ``ref`` whose low 32 bits are ``low`` (never negative)."""
+    value = (ref & ~0xFFFFFFFF) | low
+    if value <= ref - (1 << 31):
+        value += 1 << 32
+    elif value > ref + (1 << 31) and value >= 1 << 32:
+        value -= 1 << 32
+    return value
+
+
+def widen_data(seg: Data, ref: int) -> Data:
+    """A short DATA segment with its full offset, taken nearest ``ref``."""
+    offset = expand_offset(ref, seg.offset)
+    if offset + len(seg.payload) > MAX_OFFSET:
+        raise SegmentError("offset out of range")
+    return dataclasses.replace(seg, offset=offset, short=False)
+
+
+def widen_ack(ack: Ack, ref: int) -> Ack:
+    """A short ACK with its full cum (and blocks), taken nearest ``ref``."""
+    cum = expand_offset(ref, ack.cum)
+    shift = cum - ack.cum
+    if cum > MAX_OFFSET or any(e + shift > MAX_OFFSET for _, e in ack.blocks):
+        raise SegmentError("offset out of range")
+    blocks = tuple((s + shift, e + shift) for s, e in ack.blocks)
+    return dataclasses.replace(ack, cum=cum, blocks=blocks, short=False)
+
+
 def encode_syn(s: Syn) -> bytes:
     return SYN.pack(PROTO_MSP, T_SYN, s.stream, s.port, s.mode, 0, s.budget_ms, s.window, s.ts)
 
@@ -168,10 +211,21 @@ def encode_synack(s: SynAck) -> bytes:
 
 
 def encode_data(
-    stream: int, offset: int, ts: int, payload: bytes, *, fin: bool = False, origin_ts: int | None
+    stream: int,
+    offset: int,
+    ts: int,
+    payload: bytes,
+    *,
+    fin: bool = False,
+    origin_ts: int | None,
+    short: bool = False,
 ) -> bytes:
     flags = (F_FIN if fin else 0) | (F_ORIGIN if origin_ts is not None else 0)
-    head = DATA.pack(PROTO_MSP, _byte(T_DATA, flags), stream, offset, ts)
+    if short:
+        t = _byte(T_DATA, flags | F_SHORT)
+        head = SHORT_DATA.pack(PROTO_MSP, t, stream, offset & 0xFFFFFFFF, ts)
+    else:
+        head = DATA.pack(PROTO_MSP, _byte(T_DATA, flags), stream, offset, ts)
     if origin_ts is not None:
         head += ORIGIN.pack(origin_ts)
     return head + payload
@@ -179,7 +233,12 @@ def encode_data(
 
 def encode_ack(a: Ack) -> bytes:
     flags = (F_ACK_NOW if a.ack_now else 0) | (F_DUP if a.dup else 0)
-    parts = [ACK.pack(PROTO_MSP, _byte(T_ACK, flags), a.stream, a.cum, a.window, a.echo)]
+    if a.short:
+        t = _byte(T_ACK, flags | F_SHORT)
+        head = SHORT_ACK.pack(PROTO_MSP, t, a.stream, a.cum & 0xFFFFFFFF, a.window, a.echo)
+    else:
+        head = ACK.pack(PROTO_MSP, _byte(T_ACK, flags), a.stream, a.cum, a.window, a.echo)
+    parts = [head]
     parts.extend(SACK_BLOCK.pack(start - a.cum, end - start) for start, end in a.blocks)
     return b"".join(parts)
 
@@ -206,9 +265,11 @@ def decode(plaintext: bytes) -> Segment:
         raise SegmentError(f"protocol byte {proto} is not MSP")
     kind, flags = tbyte & 0x0F, tbyte & 0xF0
     try:
+        short = bool(flags & F_SHORT)
         if kind == T_DATA:
-            _, _, _, offset, ts = DATA.unpack_from(plaintext)
-            pos = DATA.size
+            st = SHORT_DATA if short else DATA
+            _, _, _, offset, ts = st.unpack_from(plaintext)
+            pos = st.size
             origin: int | None = None
             if flags & F_ORIGIN:
                 (origin,) = ORIGIN.unpack_from(plaintext, pos)
@@ -219,17 +280,18 @@ def decode(plaintext: bytes) -> Segment:
                 raise SegmentError("FIN segment carries payload")
             if offset + len(payload) > MAX_OFFSET:
                 raise SegmentError("offset out of range")
-            return Data(stream, offset, ts, origin, fin, payload)
+            return Data(stream, offset, ts, origin, fin, payload, short)
         if kind == T_ACK:
-            _, _, _, cum, window, echo = ACK.unpack_from(plaintext)
-            rest = len(plaintext) - ACK.size
+            st = SHORT_ACK if short else ACK
+            _, _, _, cum, window, echo = st.unpack_from(plaintext)
+            rest = len(plaintext) - st.size
             if rest % SACK_BLOCK.size or rest // SACK_BLOCK.size > MAX_SACK_BLOCKS:
                 raise SegmentError("bad SACK block list")
             if cum > MAX_OFFSET:
                 raise SegmentError("offset out of range")
             blocks = []
             for i in range(rest // SACK_BLOCK.size):
-                delta, length = SACK_BLOCK.unpack_from(plaintext, ACK.size + i * SACK_BLOCK.size)
+                delta, length = SACK_BLOCK.unpack_from(plaintext, st.size + i * SACK_BLOCK.size)
                 if length == 0:
                     raise SegmentError("empty SACK block")
                 blocks.append((cum + delta, cum + delta + length))
@@ -241,6 +303,7 @@ def decode(plaintext: bytes) -> Segment:
                 tuple(blocks),
                 bool(flags & F_ACK_NOW),
                 bool(flags & F_DUP),
+                short,
             )
         if kind == T_SYN:
             _exact(plaintext, SYN)
