@@ -45,7 +45,7 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from meshpipe import wire
+from meshpipe import fragments, wire
 from meshpipe.actions import (
     Action,
     Deliver,
@@ -92,6 +92,9 @@ _DATA_BYTE = wire.kind_byte(wire.KIND_DATA)[0]
 _OFFLOAD = bytes((OFFLOAD_MARK,))
 # The tunnel's datagrams hold a 64 kB segment and its offload header.
 TUNNEL_MSP = MspParams(max_message=65535 + 64, dgram_partial_bytes=1 << 20)
+# The path MTU the tunnel's MSP sees: it seals whole messages (a 64 kB segment in two
+# packets at most), and meshpipe/fragments.py cuts each to the real path MTU.
+TUNNEL_SEAL_MTU = wire.MAX_FRAME
 
 
 def shard_of(sid: bytes, count: int) -> int:
@@ -134,6 +137,8 @@ class CryptoShard:
         self.tunnel: Tunnel | None = None
         self.msp: Msp | None = None
         self.tunnel_streams: dict[bytes, Stream] = {}  # peer SID -> the stream we send on
+        self.reassembler = fragments.Reassembler()
+        self._frag_next = rng.getrandbits(32)  # message number of our next fragmented packet
         if tunnel_routes is not None:
             # Cryptokey routing both ways; the known SIDs are the pushed table's.
             self.tunnel = Tunnel(
@@ -141,7 +146,7 @@ class CryptoShard:
             )
             self.msp = Msp(
                 self.sid,
-                self.path_mtu,
+                lambda _dst: TUNNEL_SEAL_MTU,
                 msp_params or TUNNEL_MSP,
                 number_space=DATAPLANE_SPACE,
                 rng=msp_rng,
@@ -241,10 +246,12 @@ class CryptoShard:
         if self.msp is not None and now >= self.msp.next_deadline():
             for dst, pt in self.msp.on_timer(now):
                 self._seal_into(bytes(dst), bytes(pt), now, out)
+        if now >= self.reassembler.next_deadline():
+            self.reassembler.expire(now)
         return self._finish(out)
 
     def next_deadline(self) -> float:
-        t = self.session.next_deadline()
+        t = min(self.session.next_deadline(), self.reassembler.next_deadline())
         return t if self.msp is None else min(t, self.msp.next_deadline())
 
     # -- status ------------------------------------------------------------------------
@@ -255,6 +262,7 @@ class CryptoShard:
     def all_counters(self) -> collections.Counter[str]:
         c = collections.Counter(self.counters)
         c.update(self.session.counters)
+        c.update(self.reassembler.counters)
         if self.msp is not None and self.tunnel is not None:
             c.update(self.msp.counters)
             c.update(self.tunnel.counters)
@@ -272,6 +280,11 @@ class CryptoShard:
         ingress: Hashable = None,
     ) -> None:
         try:
+            if fragments.is_fragment(packet):
+                joined = self.reassembler.push(src, packet, now)
+                if joined is None:
+                    return
+                packet = joined
             outs = self.session.on_packet(src, packet, now, ingress)
             self._session_outs(outs, hops, now, out)
         except Exception as exc:  # a bug costs one packet, never the data plane
@@ -286,7 +299,7 @@ class CryptoShard:
     ) -> None:
         for o in outs:
             if isinstance(o, Transmit):
-                out.extend(self.fwd.send_data(o.dst, o.payload))
+                self._transmit(o.dst, o.payload, out)
             elif isinstance(o, Plaintext):
                 if self.msp is not None and in_dataplane(o.payload):
                     for dst, pt in self.msp.on_plaintext(o.src, o.payload, hops, now):
@@ -295,6 +308,22 @@ class CryptoShard:
                     out.append(Opened(o.src, o.payload, hops))
             else:
                 out.append(o)
+
+    def _transmit(self, dst: bytes, packet: bytes, out: list[Action]) -> None:
+        """A sealed packet in one DATA frame, or in fragments where it does not fit."""
+        room = self.path_mtu(dst) - wire.DATA_HEADER_LEN
+        if len(packet) <= room or dst not in self.fwd.table:
+            out.extend(self.fwd.send_data(dst, packet))
+            return
+        try:
+            pieces = fragments.split(packet, room, self._frag_next)
+        except ValueError:
+            self.counters["frag.drop.unsplittable"] += 1
+            return
+        self._frag_next = (self._frag_next + 1) & 0xFFFFFFFF
+        self.counters["frag.tx.packets"] += 1
+        for piece in pieces:
+            out.extend(self.fwd.send_data(dst, piece))
 
     def _seal_into(self, dst: bytes, plaintext: bytes, now: float, out: list[Action]) -> None:
         self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)
