@@ -90,6 +90,8 @@ ShardEntry = tuple[int, LinkAddr, int]
 
 _DATA_BYTE = wire.kind_byte(wire.KIND_DATA)[0]
 _OFFLOAD = bytes((OFFLOAD_MARK,))
+_FRAG_AT = wire.DATA_HEADER_LEN
+_FRAG_BYTE = bytes((fragments.TYPE_FRAGMENT,))
 # The tunnel's datagrams hold a 64 kB segment and its offload header.
 TUNNEL_MSP = MspParams(max_message=65535 + 64, dgram_partial_bytes=1 << 20)
 # The path MTU the tunnel's MSP sees: it seals whole messages (a 64 kB segment in two
@@ -196,12 +198,27 @@ class CryptoShard:
     def on_frame(self, frame: bytes, now: float, ingress: Hashable = None) -> list[Action]:
         """A DATA frame from an interface worker: ours (opened) or in transit (forwarded).
         ``ingress``: the (interface, link address) it came from."""
+        if (
+            frame[_FRAG_AT : _FRAG_AT + 1] == _FRAG_BYTE
+            and frame[0] == _DATA_BYTE
+            and frame[1]
+            and frame[2:34] == self.sid
+        ):  # a fragment for us (most frames of a busy tunnel): joined before anything else
+            self.counters["data.delivered"] += 1
+            src = frame[34:66]
+            joined = self.reassembler.push(src, frame[_FRAG_AT:], now)
+            if joined is None:
+                return []
+            out: list[Action] = []
+            hops = wire.DEFAULT_HOP_LIMIT - frame[1] + 1
+            self._open_into(src, joined, hops, now, out, ingress)
+            return self._finish(out)
         try:
             actions = self.fwd.on_data(frame)
         except FrameError:
             self.counters["drop.malformed"] += 1
             return []
-        out: list[Action] = []
+        out = []
         for a in actions:
             if isinstance(a, Deliver):
                 self._open_into(a.src, a.payload, a.hops, now, out, ingress)
@@ -322,8 +339,7 @@ class CryptoShard:
             return
         self._frag_next = (self._frag_next + 1) & 0xFFFFFFFF
         self.counters["frag.tx.packets"] += 1
-        for piece in pieces:
-            out.extend(self.fwd.send_data(dst, piece))
+        out.extend(self.fwd.send_many(dst, pieces))
 
     def _seal_into(self, dst: bytes, plaintext: bytes, now: float, out: list[Action]) -> None:
         self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)

@@ -98,8 +98,12 @@ class Reassembler:
         self.params = params or ReassemblyParams()
         self.counters: collections.Counter[str] = collections.Counter()
         self.budget = PeerBudget(self.params.per_source, self.params.total)
-        # Insertion order is age order: the first entry is the oldest.
-        self._parts: dict[tuple[bytes, int], _Partial] = {}
+        # Insertion order is age order: the first entry is the oldest. (An OrderedDict:
+        # a plain dict's first entry is found past every slot deleted before it.)
+        self._parts: collections.OrderedDict[tuple[bytes, int], _Partial] = (
+            collections.OrderedDict()
+        )
+        self._expire_at = math.inf  # no partial is older than the timeout before this
         self._per_source: collections.Counter[bytes] = collections.Counter()
 
     def push(self, src: bytes, payload: bytes, now: float) -> bytes | None:
@@ -119,7 +123,7 @@ class Reassembler:
         if (count - 1) * max(n, 1) >= p.max_packet and index < count - 1:
             c["frag.drop.too_large"] += 1
             return None
-        if self._parts:
+        if now >= self._expire_at:
             self.expire(now)
         key = (src, message)
         part = self._parts.get(key)
@@ -129,6 +133,8 @@ class Reassembler:
                 return None
             part = self._parts[key] = _Partial(count, now)
             self._per_source[src] += 1
+            if self._expire_at == math.inf:
+                self._expire_at = now + p.timeout
         elif part.count != count:
             c["frag.drop.mismatch"] += 1
             return None
@@ -168,14 +174,15 @@ class Reassembler:
         while self._parts:
             key, part = next(iter(self._parts.items()))
             if part.first > limit:
+                self._expire_at = part.first + self.params.timeout
                 return
             self._drop(key, part)
             self.counters["frag.drop.timeout"] += 1
+        self._expire_at = math.inf
 
     def next_deadline(self) -> float:
-        if not self._parts:
-            return math.inf
-        return next(iter(self._parts.values())).first + self.params.timeout
+        """When :meth:`expire` may have something to drop (maybe early, never late)."""
+        return self._expire_at
 
     def held(self) -> int:
         """Bytes held in partial messages, all sources."""
