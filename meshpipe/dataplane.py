@@ -55,8 +55,11 @@ from meshpipe.actions import (
     Open,
     Opened,
     Seal,
+    SendFrame,
     TunWrite,
 )
+from meshpipe.classify import CONTROL, Transit, classify
+from meshpipe.classify import shard_of as shard_of  # re-exported: its old home
 from meshpipe.errors import FrameError
 from meshpipe.forwarding import Forwarder
 from meshpipe.identity import Identity
@@ -97,11 +100,6 @@ TUNNEL_MSP = MspParams(max_message=65535 + 64, dgram_partial_bytes=1 << 20)
 # The path MTU the tunnel's MSP sees: it seals whole messages (a 64 kB segment in two
 # packets at most), and meshpipe/fragments.py cuts each to the real path MTU.
 TUNNEL_SEAL_MTU = wire.MAX_FRAME
-
-
-def shard_of(sid: bytes, count: int) -> int:
-    """The shard that owns the session with ``sid`` (SIDs are uniform: no mixing needed)."""
-    return int.from_bytes(bytes(sid[:8]), "big") % count if count > 1 else 0
 
 
 class CryptoShard:
@@ -462,10 +460,17 @@ class ShardedNode:
         return self.shards[shard_of(sid, len(self.shards))]
 
     def on_frame(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> list[Action]:
-        # As an interface worker: DATA frames go to the shard of their source SID.
-        if len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
-            return self._run(self.shard(frame[34:66]).on_frame(frame, now, (iface, src)), now)
-        return self._run(self.stack.on_frame(iface, src, frame, now), now)
+        # As a link worker: the receive classifier decides (meshpipe/classify.py).
+        shards = self.shards
+        verdict = classify(frame, self.sid, self.mirror.table, iface, len(shards))
+        if isinstance(verdict, Transit):
+            return [SendFrame(iface, verdict.dest, verdict.frame)]
+        if verdict == CONTROL:
+            return self._run(self.stack.on_frame(iface, src, frame, now), now)
+        if isinstance(verdict, int):
+            return self._run(shards[verdict].on_frame(frame, now, (iface, src)), now)
+        self.stack.core.counters[verdict.reason] += 1
+        return []
 
     def on_timer(self, now: float) -> list[Action]:
         out: list[Action] = []
