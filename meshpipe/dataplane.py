@@ -83,7 +83,14 @@ from meshpipe.offload import (
     segment,
     split_message,
 )
-from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
+from meshpipe.session import (
+    MAX_PACKET,
+    Plaintext,
+    SessionManager,
+    SessionOut,
+    SessionParams,
+    Transmit,
+)
 from meshpipe.stack import NodeStack
 from meshpipe.tunnel import DEFAULT_MTU as TUNNEL_DEFAULT_MTU
 from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, ToPeer, ToTun, Tunnel
@@ -97,9 +104,9 @@ _FRAG_AT = wire.DATA_HEADER_LEN
 _FRAG_BYTE = bytes((fragments.TYPE_FRAGMENT,))
 # The tunnel's datagrams hold a 64 kB segment and its offload header.
 TUNNEL_MSP = MspParams(max_message=65535 + 64, dgram_partial_bytes=1 << 20)
-# The path MTU the tunnel's MSP sees: it seals whole messages (a 64 kB segment in two
-# packets at most), and meshpipe/fragments.py cuts each to the real path MTU.
-TUNNEL_SEAL_MTU = wire.MAX_FRAME
+# The path MTU the tunnel's MSP sees: it seals each whole message (a 64 kB segment) in
+# one packet, and meshpipe/fragments.py cuts that to the real path MTU.
+TUNNEL_SEAL_MTU = MAX_PACKET + wire.DATA_HEADER_LEN
 
 
 class CryptoShard:

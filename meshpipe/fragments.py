@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from meshpipe.msp.buffers import PeerBudget
+from meshpipe.session import MAX_PACKET
 
 TYPE_FRAGMENT: Final = 8
 HEADER: Final = struct.Struct("!BIHH")
@@ -84,7 +85,7 @@ class _Partial:
 
 @dataclass(frozen=True)
 class ReassemblyParams:
-    max_packet: int = 2 * 65535  # a joined packet larger than this is dropped
+    max_packet: int = MAX_PACKET  # a joined packet larger than this is dropped
     per_source: int = 1 << 20  # bytes held for one claimed source
     total: int = 8 << 20  # bytes held for all
     partials_per_source: int = 32
