@@ -443,7 +443,9 @@ class Router:
             return
         if keep is not None:
             k = keep
-            challengers = [c for c in feasible if c[0] + SWITCH_HYSTERESIS < k[0] and c[2] < k[2]]
+            challengers = [
+                c for c in feasible if c[0] + SWITCH_HYSTERESIS < k[0] and c[2] < k[2]
+            ]
             best = min(challengers, key=lambda c: c[:2]) if challengers else keep
         else:
             best = min(feasible, key=lambda c: c[:2])

@@ -138,7 +138,9 @@ class NodeStack:
         limits: Limits | None = None,
     ) -> None:
         self.identity = identity
-        self.core = NodeCore(identity, interfaces, timing or Timing(), now, rng, limits or Limits())
+        self.core = NodeCore(
+            identity, interfaces, timing or Timing(), now, rng, limits or Limits()
+        )
         session_rng = random.Random(self.core.rng.getrandbits(64))
         # Sharded: the sessions live in crypto shards (meshpipe/dataplane.py); this
         # stack emits Seal/Open actions for them and takes their plaintexts back
