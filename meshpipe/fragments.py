@@ -43,6 +43,7 @@ from typing import Final
 
 from meshpipe.msp.buffers import PeerBudget
 from meshpipe.session import MAX_PACKET
+from meshpipe.wire import DATA_HEADER_LEN
 
 TYPE_FRAGMENT: Final = 8
 HEADER: Final = struct.Struct("!BIHH")
@@ -225,6 +226,16 @@ class Reassembler:
         return next((k for k in self._parts if k[0] == src), None)
 
 
+def join_frame(joiner: Reassembler, frame: bytes, own_sid: bytes, now: float) -> bytes | None:
+    """A DATA frame holding a fragment: None until its packet is complete, then one
+    DATA frame (the last fragment's header) holding the whole packet. A frame for
+    another node, or no fragment, is returned as it is."""
+    if frame[2:34] != own_sid or not is_fragment(frame[DATA_HEADER_LEN:]):
+        return frame
+    joined = joiner.push(frame[34:66], frame[DATA_HEADER_LEN:], now)
+    return None if joined is None else frame[:DATA_HEADER_LEN] + joined
+
+
 __all__ = [
     "HEADER_LEN",
     "MAX_COUNT",
@@ -232,5 +243,6 @@ __all__ = [
     "Reassembler",
     "ReassemblyParams",
     "is_fragment",
+    "join_frame",
     "split",
 ]

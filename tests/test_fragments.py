@@ -164,3 +164,18 @@ def test_small_mtu_path_under_loss_loses_whole_packets_only() -> None:
     assert len(got) >= 15
     shard = line.sharded("D").shard(bytes(line.sid("A")))
     assert shard.reassembler.held() <= shard.reassembler.params.total
+
+
+def test_a_link_worker_joins_fragments_for_us_into_one_data_frame() -> None:
+    from meshpipe import wire
+    from meshpipe.fragments import join_frame
+
+    me, peer = b"m" * 32, b"p" * 32
+    packet = random.Random(3).randbytes(5000)
+    frames = [wire.encode_data(me, peer, f, 60) for f in split(packet, 1334, 4)]
+    r = Reassembler()
+    got = [join_frame(r, f, me, 0.0) for f in frames]
+    assert got[:-1] == [None] * (len(frames) - 1)
+    assert got[-1] == wire.encode_data(me, peer, packet, 60)
+    other = wire.encode_data(b"o" * 32, peer, split(packet, 1334, 5)[0])
+    assert join_frame(r, other, me, 0.0) == other  # in transit: never joined here

@@ -32,7 +32,7 @@ import sys
 import time
 from collections import Counter
 
-from meshpipe import log
+from meshpipe import fragments, log, wire
 from meshpipe.classify import CONTROL, Transit, classify
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.errors import RecordError
@@ -82,6 +82,9 @@ class InterfaceWorker:
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, msg.UdpAddr]] = {}
         self.hop = HopRecovery(cfg.hop_recovery, self.counters, random.Random())
+        # Fragments for this node are joined here, below the session (no keys needed):
+        # the crypto worker gets one frame per sealed packet instead of dozens.
+        self.joiner = fragments.Reassembler()
         self.now = time.monotonic()  # once per batch: the recovery's clock
         self.log = log.get()
         self.sock = self._open_unicast(reuse_port)
@@ -180,6 +183,11 @@ class InterfaceWorker:
                     continue  # an ack, a duplicate, or a damaged link frame (counted)
                 verdict = classify(frame, self.own_sid, self.forwarding, self.iface, n)
                 if isinstance(verdict, int):
+                    if verdict != CONTROL and frame[_FRAG_AT : _FRAG_AT + 1] == _FRAG_BYTE:
+                        joined = fragments.join_frame(self.joiner, frame, self.own_sid, self.now)
+                        if joined is None:
+                            continue
+                        frame = joined
                     rec = msg.frame_in(self.iface, src, frame)
                     (up if verdict == CONTROL else data[verdict]).append(rec)
                 elif isinstance(verdict, Transit):
@@ -319,7 +327,7 @@ class InterfaceWorker:
         body = {
             "iface": self.iface,
             "worker": self.worker,
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **self.joiner.counters},
             "rx_ring_depth": self.rx.depth(),
             "rx_ring_dropped": self.rx.dropped_full,
             "crypto_ring_depth": sum(r.depth() for r in self.to_crypto),
@@ -358,6 +366,8 @@ class InterfaceWorker:
 
 
 _SEND_TAG = bytes((msg.REC_SEND,))
+_FRAG_AT = wire.DATA_HEADER_LEN
+_FRAG_BYTE = bytes((fragments.TYPE_FRAGMENT,))
 _RUN_TAG = bytes((msg.REC_SEND_RUN,))
 
 
