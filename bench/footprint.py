@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: python bench/footprint.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BenchError, exit_on_signals, log, process_tree, require_root
-from bench.tunnel import NAMES, ensure_packages, set_tunnel_config, wireguard
+from bench.tunnel import PAIR, ensure_packages, set_tunnel_config, wireguard
 from meshpipe.config import TimingSection
 from meshpipe_workers.labnet import Lab
 from meshpipe_workers.metrics import read_rollup, uss_of
@@ -124,7 +124,7 @@ def meshpipe_idle(lab: Lab, crypto: int, args: argparse.Namespace) -> list[Proc]
         # `ip netns exec` is the node's parent, not part of it
         return measure(process_tree(root), args.idle, args.runs)
     finally:
-        for n in NAMES:
+        for n in PAIR:
             lab.stop(n)
 
 
@@ -147,7 +147,7 @@ def yggdrasil_idle(topo: Topology, args: argparse.Namespace) -> list[Proc]:
     exe = yggdrasil_binary(Path(args.workdir))
     procs: dict[str, subprocess.Popen[Any]] = {}
     try:
-        for n in NAMES:
+        for n in PAIR:
             conf = json.loads(
                 subprocess.run(
                     [str(exe), "-genconf", "-json"], capture_output=True, text=True, check=True
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     # The default timers (what `meshpipe init` writes), not the Lab's faster ones.
     timing = {k: float(v) for k, v in asdict(TimingSection()).items()}
-    with exit_on_signals(), Lab(NAMES, args.workdir, netns=True, timing=timing) as lab:
+    with exit_on_signals(), Lab(PAIR, args.workdir, netns=True, timing=timing) as lab:
         assert lab.topo is not None
         for c in [int(x) for x in args.crypto.split(",") if x]:
             log(f"meshpipe, {c} crypto workers")

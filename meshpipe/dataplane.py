@@ -45,7 +45,7 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
-from meshpipe import wire
+from meshpipe import fragments, wire
 from meshpipe.actions import (
     Action,
     Deliver,
@@ -55,11 +55,15 @@ from meshpipe.actions import (
     Open,
     Opened,
     Seal,
+    SendFrame,
     TunWrite,
 )
+from meshpipe.classify import CONTROL, Transit, classify
+from meshpipe.classify import shard_of as shard_of  # re-exported: its old home
 from meshpipe.errors import FrameError
 from meshpipe.forwarding import Forwarder
 from meshpipe.identity import Identity
+from meshpipe.link import compress
 from meshpipe.msp import (
     DATAPLANE_SPACE,
     Mode,
@@ -80,7 +84,14 @@ from meshpipe.offload import (
     segment,
     split_message,
 )
-from meshpipe.session import Plaintext, SessionManager, SessionOut, SessionParams, Transmit
+from meshpipe.session import (
+    MAX_PACKET,
+    Plaintext,
+    SessionManager,
+    SessionOut,
+    SessionParams,
+    Transmit,
+)
 from meshpipe.stack import NodeStack
 from meshpipe.tunnel import DEFAULT_MTU as TUNNEL_DEFAULT_MTU
 from meshpipe.tunnel import TUNNEL_PORT, IPNetwork, ToPeer, ToTun, Tunnel
@@ -90,13 +101,17 @@ ShardEntry = tuple[int, LinkAddr, int]
 
 _DATA_BYTE = wire.kind_byte(wire.KIND_DATA)[0]
 _OFFLOAD = bytes((OFFLOAD_MARK,))
+_FRAG_AT = wire.DATA_HEADER_LEN
+_FRAG_BYTE = bytes((fragments.TYPE_FRAGMENT,))
 # The tunnel's datagrams hold a 64 kB segment and its offload header.
 TUNNEL_MSP = MspParams(max_message=65535 + 64, dgram_partial_bytes=1 << 20)
-
-
-def shard_of(sid: bytes, count: int) -> int:
-    """The shard that owns the session with ``sid`` (SIDs are uniform: no mixing needed)."""
-    return int.from_bytes(bytes(sid[:8]), "big") % count if count > 1 else 0
+# The path MTU the tunnel's MSP sees: it seals each whole message (a 64 kB segment) in
+# one packet, and meshpipe/fragments.py cuts that to the real path MTU.
+TUNNEL_SEAL_MTU = MAX_PACKET + wire.DATA_HEADER_LEN
+# Below this path MTU (a packet radio) the tunnel's MSP cuts messages itself, as it did
+# before fragments: each piece is a transport packet of its own, which a radio's header
+# compression (meshpipe/link/compress.py) shrinks by 76 bytes; a fragment it cannot.
+SMALL_PATH_MTU = 1024
 
 
 class CryptoShard:
@@ -134,6 +149,8 @@ class CryptoShard:
         self.tunnel: Tunnel | None = None
         self.msp: Msp | None = None
         self.tunnel_streams: dict[bytes, Stream] = {}  # peer SID -> the stream we send on
+        self.reassembler = fragments.Reassembler()
+        self._frag_next = rng.getrandbits(32)  # message number of our next fragmented packet
         if tunnel_routes is not None:
             # Cryptokey routing both ways; the known SIDs are the pushed table's.
             self.tunnel = Tunnel(
@@ -141,7 +158,7 @@ class CryptoShard:
             )
             self.msp = Msp(
                 self.sid,
-                self.path_mtu,
+                self._tunnel_seal_mtu,
                 msp_params or TUNNEL_MSP,
                 number_space=DATAPLANE_SPACE,
                 rng=msp_rng,
@@ -163,6 +180,10 @@ class CryptoShard:
                 hops[dst] = (e[0], e[1])
                 self.path_mtus[dst] = e[2]
         self.fwd.update(hops, full)
+
+    def _tunnel_seal_mtu(self, dst: bytes) -> int:
+        mtu = self.path_mtu(dst)
+        return mtu if mtu < SMALL_PATH_MTU else TUNNEL_SEAL_MTU
 
     def path_mtu(self, dst: bytes) -> int:
         """As NodeStack.path_mtu, from the pushed table."""
@@ -191,12 +212,27 @@ class CryptoShard:
     def on_frame(self, frame: bytes, now: float, ingress: Hashable = None) -> list[Action]:
         """A DATA frame from an interface worker: ours (opened) or in transit (forwarded).
         ``ingress``: the (interface, link address) it came from."""
+        if (
+            frame[_FRAG_AT : _FRAG_AT + 1] == _FRAG_BYTE
+            and frame[0] == _DATA_BYTE
+            and frame[1]
+            and frame[2:34] == self.sid
+        ):  # a fragment for us (most frames of a busy tunnel): joined before anything else
+            self.counters["data.delivered"] += 1
+            src = frame[34:66]
+            joined = self.reassembler.push(src, frame[_FRAG_AT:], now)
+            if joined is None:
+                return []
+            out: list[Action] = []
+            hops = wire.DEFAULT_HOP_LIMIT - frame[1] + 1
+            self._open_into(src, joined, hops, now, out, ingress)
+            return self._finish(out)
         try:
             actions = self.fwd.on_data(frame)
         except FrameError:
             self.counters["drop.malformed"] += 1
             return []
-        out: list[Action] = []
+        out = []
         for a in actions:
             if isinstance(a, Deliver):
                 self._open_into(a.src, a.payload, a.hops, now, out, ingress)
@@ -241,10 +277,12 @@ class CryptoShard:
         if self.msp is not None and now >= self.msp.next_deadline():
             for dst, pt in self.msp.on_timer(now):
                 self._seal_into(bytes(dst), bytes(pt), now, out)
+        if now >= self.reassembler.next_deadline():
+            self.reassembler.expire(now)
         return self._finish(out)
 
     def next_deadline(self) -> float:
-        t = self.session.next_deadline()
+        t = min(self.session.next_deadline(), self.reassembler.next_deadline())
         return t if self.msp is None else min(t, self.msp.next_deadline())
 
     # -- status ------------------------------------------------------------------------
@@ -255,6 +293,7 @@ class CryptoShard:
     def all_counters(self) -> collections.Counter[str]:
         c = collections.Counter(self.counters)
         c.update(self.session.counters)
+        c.update(self.reassembler.counters)
         if self.msp is not None and self.tunnel is not None:
             c.update(self.msp.counters)
             c.update(self.tunnel.counters)
@@ -272,6 +311,11 @@ class CryptoShard:
         ingress: Hashable = None,
     ) -> None:
         try:
+            if fragments.is_fragment(packet):
+                joined = self.reassembler.push(src, packet, now)
+                if joined is None:
+                    return
+                packet = joined
             outs = self.session.on_packet(src, packet, now, ingress)
             self._session_outs(outs, hops, now, out)
         except Exception as exc:  # a bug costs one packet, never the data plane
@@ -286,7 +330,7 @@ class CryptoShard:
     ) -> None:
         for o in outs:
             if isinstance(o, Transmit):
-                out.extend(self.fwd.send_data(o.dst, o.payload))
+                self._transmit(o.dst, o.payload, out)
             elif isinstance(o, Plaintext):
                 if self.msp is not None and in_dataplane(o.payload):
                     for dst, pt in self.msp.on_plaintext(o.src, o.payload, hops, now):
@@ -295,6 +339,24 @@ class CryptoShard:
                     out.append(Opened(o.src, o.payload, hops))
             else:
                 out.append(o)
+
+    def _transmit(self, dst: bytes, packet: bytes, out: list[Action]) -> None:
+        """A sealed packet in one DATA frame, or in fragments where it does not fit."""
+        mtu = self.path_mtu(dst)
+        room = mtu - wire.DATA_HEADER_LEN
+        if len(packet) <= room or dst not in self.fwd.table:
+            out.extend(self.fwd.send_data(dst, packet))
+            return
+        if mtu < SMALL_PATH_MTU:  # a radio's data MTU counts a gain fragments do not get
+            room -= compress.GAIN
+        try:
+            pieces = fragments.split(packet, room, self._frag_next)
+        except ValueError:
+            self.counters["frag.drop.unsplittable"] += 1
+            return
+        self._frag_next = (self._frag_next + 1) & 0xFFFFFFFF
+        self.counters["frag.tx.packets"] += 1
+        out.extend(self.fwd.send_many(dst, pieces))
 
     def _seal_into(self, dst: bytes, plaintext: bytes, now: float, out: list[Action]) -> None:
         self._session_outs(self.session.send(dst, plaintext, now), 0, now, out)
@@ -417,10 +479,17 @@ class ShardedNode:
         return self.shards[shard_of(sid, len(self.shards))]
 
     def on_frame(self, iface: int, src: LinkAddr, frame: bytes, now: float) -> list[Action]:
-        # As an interface worker: DATA frames go to the shard of their source SID.
-        if len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
-            return self._run(self.shard(frame[34:66]).on_frame(frame, now, (iface, src)), now)
-        return self._run(self.stack.on_frame(iface, src, frame, now), now)
+        # As a link worker: the receive classifier decides (meshpipe/classify.py).
+        shards = self.shards
+        verdict = classify(frame, self.sid, self.mirror.table, iface, len(shards))
+        if isinstance(verdict, Transit):
+            return [SendFrame(iface, verdict.dest, verdict.frame)]
+        if verdict == CONTROL:
+            return self._run(self.stack.on_frame(iface, src, frame, now), now)
+        if isinstance(verdict, int):
+            return self._run(shards[verdict].on_frame(frame, now, (iface, src)), now)
+        self.stack.core.counters[verdict.reason] += 1
+        return []
 
     def on_timer(self, now: float) -> list[Action]:
         out: list[Action] = []

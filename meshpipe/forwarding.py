@@ -59,6 +59,23 @@ class Forwarder:
         self.counters["data.sent"] += 1
         return [SendFrame(hop[0], hop[1], frame)]
 
+    def send_many(self, dst: bytes, payloads: list[bytes]) -> list[Action]:
+        """send_data for several payloads to one ``dst`` (the fragments of one packet):
+        one lookup, one header; the first payload must be the largest."""
+        dst = bytes(dst)
+        hop = self.table.get(dst)
+        if hop is None or dst == self.sid:
+            return [a for p in payloads for a in self.send_data(dst, p)]
+        head = wire.DATA_HEADER.pack(
+            (wire.WIRE_VERSION << 4) | wire.KIND_DATA, wire.DEFAULT_HOP_LIMIT, dst, self.sid
+        )
+        if len(head) + len(payloads[0]) > self.iface_mtus[hop[0]]:
+            self.counters["drop.too_big"] += len(payloads)
+            return []
+        self.counters["data.sent"] += len(payloads)
+        iface, addr = hop
+        return [SendFrame(iface, addr, head + p) for p in payloads]
+
     def on_data(self, frame: bytes) -> list[Action]:
         """A received DATA frame: Deliver if it is ours, else forward it (or drop, counted).
 

@@ -181,11 +181,16 @@ RESP_LEN = RESP_HEADER.size + MSG2_LEN  # 57
 # Bytes a transport packet adds to its plaintext.
 TRANSPORT_OVERHEAD = TRANSPORT_HEADER_LEN + TAGLEN  # 29
 MAX_PLAINTEXT = 65535 - TRANSPORT_OVERHEAD
+# A sealed packet may be larger than one frame when it travels in fragments
+# (meshpipe/fragments.py: a whole 64 kB tunnel message, sealed once).
+MAX_PACKET = 2 * 65535
+MAX_SEALED_PLAINTEXT = MAX_PACKET - TRANSPORT_OVERHEAD
 
 
 def max_plaintext(path_mtu: int) -> int:
-    """Largest session plaintext that fits one DATA frame over ``path_mtu`` bytes."""
-    return max(0, min(path_mtu - DATA_HEADER_LEN - TRANSPORT_OVERHEAD, MAX_PLAINTEXT))
+    """Largest session plaintext that fits one DATA frame over ``path_mtu`` bytes (a
+    path MTU above 64 kB: one packet in fragments, see MAX_PACKET)."""
+    return max(0, min(path_mtu - DATA_HEADER_LEN - TRANSPORT_OVERHEAD, MAX_SEALED_PLAINTEXT))
 
 
 @dataclass(frozen=True)
@@ -520,7 +525,7 @@ class SessionManager:
     # -- sending -----------------------------------------------------------------------
 
     def _send(self, dst: bytes, plaintext: bytes, now: float, out: list[SessionOut]) -> None:
-        if len(plaintext) > MAX_PLAINTEXT:
+        if len(plaintext) > MAX_SEALED_PLAINTEXT:
             self.counters["session.drop.too_large"] += 1
             return
         if dst == self.sid:
@@ -1278,7 +1283,9 @@ __all__ = [
     "INIT_EXT_LEN",
     "INIT_LEN",
     "MAC_LEN",
+    "MAX_PACKET",
     "MAX_PLAINTEXT",
+    "MAX_SEALED_PLAINTEXT",
     "PROLOGUE",
     "RESP_LEN",
     "TRANSPORT_HEADER_LEN",

@@ -4,8 +4,9 @@ Mesh ``a`` -udp(veth)- ``b`` -radio(pty)- ``c``, each node in its own network
 namespace so that the three TUN devices and their ``fd00::/8`` routes do not
 collide; the radio is a pseudo-terminal channel (plain file descriptors, so it
 crosses namespaces). ``a`` and ``c`` keep the default TUN MTU of 1280, so a
-1,048-byte ICMPv6 echo rides MSP datagram mode cut into 8 radio frames of at most
-255 bytes, which ``c`` reassembles (and the reply the same way back).
+1,048-byte ICMPv6 echo rides MSP datagram mode, sealed once and cut below the session
+into 7 radio frames of at most 255 bytes (meshpipe/fragments.py), which ``c`` joins
+before it opens the packet (and the reply the same way back).
 """
 
 from __future__ import annotations

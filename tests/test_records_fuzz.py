@@ -31,6 +31,7 @@ SID = bytes(range(32))
 RECORD_DECODERS: dict[str, Callable[[bytes], object]] = {
     "frame_in": msg.parse_frame_in,
     "send": msg.parse_send,
+    "send_run": msg.parse_send_run,
     "forwarding": msg.parse_forwarding,
     "unpacked": msg.unpacked,
     "unpacked_map": msg.unpacked_map,
@@ -57,6 +58,7 @@ VALID_RECORDS = [
     msg.sid_hops_record(msg.REC_OPEN, SID, 3, b"packet"),
     radio.radio_in(0, 0x1234, b"frame"),
     radio.radio_send(0x1234, b"frame"),
+    msg.send_run(("198.18.0.2", 7700), [b"abc", b"def", b"g"]),
 ]
 
 
@@ -127,6 +129,7 @@ def test_valid_records_round_trip() -> None:
     assert msg.parse_worker_up(VALID_RECORDS[6]) == (1, 2)
     assert msg.parse_crypto_up(VALID_RECORDS[7]) == 3
     assert msg.parse_sid_hops_record(VALID_RECORDS[9]) == (SID, 3, b"packet")
+    assert msg.parse_send_run(VALID_RECORDS[12]) == (("198.18.0.2", 7700), [b"abc", b"def", b"g"])
 
 
 @pytest.mark.parametrize(
@@ -187,3 +190,36 @@ def test_msgpack_wire_decoders_on_any_shape(name: str, body: Any) -> None:
     for data in (packed, wire.kind_byte(wire.KIND_DISCOVERY) + packed):
         _only_typed(WIRE_DECODERS[name], data, MeshpipeError)
     assert issubclass(FrameError, MeshpipeError)
+
+
+def test_frames_queued_in_a_row_for_one_peer_travel_as_one_run_record() -> None:
+    from collections import Counter
+
+    from meshpipe.actions import SendFrame
+    from meshpipe.config import parse_config
+    from meshpipe_workers.txrings import FrameSender
+
+    class FakeRing:
+        def __init__(self) -> None:
+            self.recs: list[bytes] = []
+
+        def put_batch(self, recs: list[bytes]) -> int:
+            self.recs += recs
+            return len(recs)
+
+    cfg = parse_config(
+        '[node]\nkey = "k"\n[[interface]]\nname = "u"\nkind = "udp"\nlisten = "198.18.0.1:7700"\n',
+        "/tmp/meshpipe.toml",
+    )
+    ring = FakeRing()
+    sender = FrameSender(cfg, {0: [ring]}, Counter())  # type: ignore[dict-item]
+    peer, other = ("198.18.0.2", 7700), ("198.18.0.3", 7700)
+    for f in (b"a" * 10, b"b" * 10, b"c" * 4, b"d" * 10, b"e" * 10):
+        sender.queue(SendFrame(0, peer, f))
+    sender.queue(SendFrame(0, other, b"x"))
+    sender.flush()
+    assert ring.recs == [
+        msg.send_run(peer, [b"a" * 10, b"b" * 10, b"c" * 4]),  # a shorter frame ends a run
+        msg.send_run(peer, [b"d" * 10, b"e" * 10]),
+        msg.send(other, b"x"),
+    ]

@@ -244,7 +244,7 @@ def test_nothing_sent_to_self_or_bad_sid() -> None:
     assert me.send(b"\x01" * 31, b"x", 0.0) == []
     assert me.send(bytes(range(32)), b"x", 0.0) == []  # not a curve point
     assert me.counters["session.drop.bad_destination"] == 3
-    assert me.send(net.sid("b"), b"x" * 70_000, 0.0) == []
+    assert me.send(net.sid("b"), b"x" * 140_000, 0.0) == []  # above MAX_SEALED_PLAINTEXT
     assert me.counters["session.drop.too_large"] == 1
 
 

@@ -8,12 +8,13 @@ counters, replay windows, and the tunnel's datagram streams to those peers.
 Rings (all single-producer single-consumer, made by the supervisor):
 
 - from the control worker: ``REC_SEAL`` (encrypt and send), ``REC_OPEN`` (a packet
-  that reached the control worker, from a radio), ``REC_FORWARDING`` (next hop and
+  that reached the control worker), ``REC_FORWARDING`` (next hop and
   path MTU per destination); to it: ``REC_OPENED`` (plaintexts for its protocols),
   ``REC_CRYPTO_UP`` and ``REC_CRYPTO_REPORT`` (every second and after a session event);
-- from every UDP interface worker: ``REC_FRAME_IN`` with DATA frames of peers in this
-  shard, for this node or in transit to another interface; to every interface (and
-  radio) worker: ``REC_SEND`` / ``REC_RADIO_SEND``;
+- from every UDP interface worker: ``REC_FRAME_IN``, and from every radio worker
+  ``REC_RADIO_IN``, with DATA frames of peers in this shard, for this node or in
+  transit to another interface; to every interface (and radio) worker: ``REC_SEND``
+  / ``REC_RADIO_SEND``;
 - with ``[tunnel]``: its own queue of the TUN device (workers/tun.py), read and
   written here; a packet read for a peer of another shard goes to that worker as
   ``REC_TUN_TO_PEER`` on a ring between the two (one per ordered pair).
@@ -51,6 +52,7 @@ from meshpipe.identity import Identity
 from meshpipe.offload import join_message
 from meshpipe.tunnel import ToPeer, ToTun
 from meshpipe_workers import messages as msg
+from meshpipe_workers import radio
 from meshpipe_workers.coreparams import interface_params
 from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
@@ -141,11 +143,15 @@ class CryptoWorker:
             self.counters["crypto.drop.bad_record"] += 1
 
     def on_iface(self, rec: bytes, now: float) -> None:
-        if rec[0] != msg.REC_FRAME_IN:
+        link: msg.UdpAddr | int
+        if rec[0] == msg.REC_FRAME_IN:
+            iface, link, frame = msg.parse_frame_in(rec)
+        elif rec[0] == radio.REC_RADIO_IN:
+            iface, link, frame = radio.parse_radio_in(rec)
+        else:
             self.counters["crypto.drop.bad_record"] += 1
             return
-        iface, addr, frame = msg.parse_frame_in(rec)
-        self._execute(self.shard.on_frame(frame, now, (iface, addr)))
+        self._execute(self.shard.on_frame(frame, now, (iface, link)))
 
     def on_peer(self, rec: bytes, now: float) -> None:
         """A packet another worker read from its TUN queue for one of our peers."""

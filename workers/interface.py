@@ -32,9 +32,9 @@ import sys
 import time
 from collections import Counter
 
-from meshpipe import log, wire
+from meshpipe import fragments, log, wire
+from meshpipe.classify import CONTROL, Transit, classify
 from meshpipe.config import InterfaceConfig, load_config
-from meshpipe.dataplane import shard_of
 from meshpipe.errors import RecordError
 from meshpipe.link.recovery import HopRecovery
 from meshpipe_workers import messages as msg
@@ -55,7 +55,6 @@ UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-_DATA_BYTE = (wire.WIRE_VERSION << 4) | wire.KIND_DATA
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux <netinet/in.h>
 
 
@@ -84,6 +83,9 @@ class InterfaceWorker:
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, msg.UdpAddr]] = {}
         self.hop = HopRecovery(cfg.hop_recovery, self.counters, random.Random())
+        # Fragments for this node are joined here, below the session (no keys needed):
+        # the crypto worker gets one frame per sealed packet instead of dozens.
+        self.joiner = fragments.Reassembler()
         self.now = time.monotonic()  # once per batch: the recovery's clock
         self.log = log.get()
         self.sock = self._open_unicast(reuse_port)
@@ -180,13 +182,20 @@ class InterfaceWorker:
                 frame = self.hop.receive(src, link_frame, self.now)
                 if frame is None:
                     continue  # an ack, a duplicate, or a damaged link frame (counted)
-                if self._forward_transit(frame):
-                    continue
-                rec = msg.frame_in(self.iface, src, frame)
-                if n and len(frame) >= wire.DATA_HEADER_LEN and frame[0] == _DATA_BYTE:
-                    data[shard_of(frame[34:66], n)].append(rec)
+                verdict = classify(frame, self.own_sid, self.forwarding, self.iface, n)
+                if isinstance(verdict, int):
+                    if verdict != CONTROL and frame[_FRAG_AT : _FRAG_AT + 1] == _FRAG_BYTE:
+                        joined = fragments.join_frame(self.joiner, frame, self.own_sid, self.now)
+                        if joined is None:
+                            continue
+                        frame = joined
+                    rec = msg.frame_in(self.iface, src, frame)
+                    (up if verdict == CONTROL else data[verdict]).append(rec)
+                elif isinstance(verdict, Transit):
+                    self._sendto(self.hop.send(verdict.dest, verdict.frame, self.now), verdict.dest)
+                    self.counters["transit.forwarded"] += 1
                 else:
-                    up.append(rec)
+                    self.counters[verdict.reason] += 1
         if up:
             sent = self.rx.put_batch(up)
             if sent < len(up):
@@ -196,26 +205,6 @@ class InterfaceWorker:
                 sent = ring.put_batch(recs)
                 if sent < len(recs):
                     self.counters["drop.crypto_queue_full"] += len(recs) - sent
-
-    def _forward_transit(self, frame: bytes) -> bool:
-        """Forward a DATA frame for another node by table lookup; True if handled here."""
-        if len(frame) < wire.DATA_HEADER_LEN or frame[0] != _DATA_BYTE:
-            return False
-        dst = frame[2:34]
-        if dst == self.own_sid:
-            return False
-        hop = self.forwarding.get(dst)
-        if hop is None or hop[0] != self.iface:
-            return False  # no route or another interface: the control worker decides
-        hop_limit = frame[1]
-        if hop_limit <= 1:
-            self.counters["drop.hop_limit"] += 1
-            return True
-        self._sendto(
-            self.hop.send(hop[1], wire.with_hop_limit(frame, hop_limit - 1), self.now), hop[1]
-        )
-        self.counters["transit.forwarded"] += 1
-        return True
 
     # -- transmit path --------------------------------------------------------------
 
@@ -237,6 +226,11 @@ class InterfaceWorker:
             run_addr: msg.UdpAddr | None = None
             run_bytes = 0
             for rec in batch:
+                if rec[:1] == _RUN_TAG:
+                    self._send_run(run_addr, run)
+                    run, run_addr, run_bytes = [], None, 0
+                    self._send_run_record(rec)
+                    continue
                 if rec[:1] != _SEND_TAG or not self.gso:
                     self._send_run(run_addr, run)
                     run, run_addr, run_bytes = [], None, 0
@@ -262,6 +256,16 @@ class InterfaceWorker:
                 run_addr = addr
                 run_bytes += len(frame)
             self._send_run(run_addr, run)
+
+    def _send_run_record(self, rec: bytes) -> None:
+        """REC_SEND_RUN: one peer's frames of one size, one GSO send (or one by one)."""
+        try:
+            addr, frames = msg.parse_send_run(rec)
+        except RecordError:
+            self.counters["drop.bad_record"] += 1
+            return
+        hop, now = self.hop, self.now
+        self._send_run(addr, [hop.send(addr, f, now) for f in frames])
 
     def _send_run(self, addr: msg.UdpAddr | None, frames: list[bytes]) -> None:
         if addr is None or not frames:
@@ -324,7 +328,7 @@ class InterfaceWorker:
         body = {
             "iface": self.iface,
             "worker": self.worker,
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **self.joiner.counters},
             "rx_ring_depth": self.rx.depth(),
             "rx_ring_dropped": self.rx.dropped_full,
             "crypto_ring_depth": sum(r.depth() for r in self.to_crypto),
@@ -363,6 +367,9 @@ class InterfaceWorker:
 
 
 _SEND_TAG = bytes((msg.REC_SEND,))
+_FRAG_AT = wire.DATA_HEADER_LEN
+_FRAG_BYTE = bytes((fragments.TYPE_FRAGMENT,))
+_RUN_TAG = bytes((msg.REC_SEND_RUN,))
 
 
 def _try_option(sock: socket.socket, option: int, value: int) -> bool:

@@ -31,6 +31,7 @@ REC_COUNTERS = 0x4B  # 'K': msgpack {"iface":..., "worker":..., "counters": {...
 REC_SUPERVISOR = 0x57  # 'W': msgpack {"workers": [{role, pid, restarts, ...}]}
 # control worker -> interface worker
 REC_SEND = 0x53  # 'S': addr, frame
+REC_SEND_RUN = 0x55  # 'U': addr, u16 size, frames of that size (the last may be shorter)
 REC_MULTICAST = 0x4D  # 'M': frame (to the interface's discovery group)
 REC_FORWARDING = 0x52  # 'R': msgpack {"full": bool, "entries": {dst: [iface, host, port] | None}}
 
@@ -46,6 +47,7 @@ REC_TUN_TO_PEER = 0x58  # 'X': dst SID 32, tunnel message (meshpipe/offload.py)
 
 UdpAddr = tuple[str, int]
 
+_U16 = struct.Struct("!H")
 _V4 = struct.Struct("!B4sH")
 _V6 = struct.Struct("!B16sH")
 
@@ -96,6 +98,23 @@ def send(addr: UdpAddr, frame: bytes) -> bytes:
 def parse_send(rec: bytes) -> tuple[UdpAddr, bytes]:
     addr, off = unpack_addr(rec, 1)
     return addr, rec[off:]
+
+
+def send_run(addr: UdpAddr, frames: Sequence[bytes]) -> bytes:
+    """Several frames to one peer in one record (all of the first's size, the last
+    maybe shorter): the fragments of one packet, for one UDP GSO send."""
+    return b"".join([bytes((REC_SEND_RUN,)), pack_addr(addr), _U16.pack(len(frames[0])), *frames])
+
+
+def parse_send_run(rec: bytes) -> tuple[UdpAddr, list[bytes]]:
+    addr, off = unpack_addr(rec, 1)
+    if len(rec) < off + 2:
+        raise RecordError("send-run record truncated")
+    (size,) = _U16.unpack_from(rec, off)
+    off += 2
+    if size == 0 or len(rec) == off:
+        raise RecordError("send-run record without frames")
+    return addr, [rec[i : i + size] for i in range(off, len(rec), size)]
 
 
 def multicast(frame: bytes) -> bytes:

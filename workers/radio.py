@@ -1,7 +1,11 @@
 """Radio interface worker: one serial packet radio spoken in KISS.
 
 It owns the serial device (opened with termios: raw, 8N1, the configured baud) and
-talks to the control worker over the same pair of rings as a UDP interface worker.
+talks to the control worker over the same pair of rings as a UDP interface worker;
+what it receives goes where the receive classifier (meshpipe/classify.py) says, as
+on a UDP interface: DATA frames relayed back onto the radio at once, or straight to
+the crypto worker of their source's shard (``drx`` rings), the rest to the control
+worker.
 Frames on the radio carry a 4-byte link header (destination and source radio
 address, see :mod:`meshpipe.link.kiss`); with KISS framing that is 7 bytes of
 overhead per frame, plus escapes.
@@ -15,8 +19,8 @@ When the queue is full a lower class is dropped to make room for a higher one;
 otherwise the new frame is dropped. Every drop is counted.
 
 Ring records of its own (the UDP records carry IP addresses): ``REC_RADIO_IN``
-(u8 iface, u16 source address, frame) up, ``REC_RADIO_SEND`` (u16 destination,
-frame; 0xFFFF = broadcast) down.
+(u8 iface, u16 source address, frame) up and to the crypto workers,
+``REC_RADIO_SEND`` (u16 destination, frame; 0xFFFF = broadcast) down.
 
 Per-hop recovery (``hop_recovery``, :mod:`meshpipe.link.recovery`) wraps unicast
 DATA frames and unwraps what arrives, as the UDP worker does, with bounds for a slow
@@ -51,6 +55,7 @@ import tty
 from collections import Counter, deque
 
 from meshpipe import log, wire
+from meshpipe.classify import CONTROL, Transit, classify
 from meshpipe.config import InterfaceConfig, load_config
 from meshpipe.errors import FrameError, RecordError
 from meshpipe.link import compress, kiss
@@ -225,6 +230,7 @@ class RadioWorker:
         rx: Ring,
         tx: Ring,
         crypto_tx: list[Ring] | None = None,
+        to_crypto: list[Ring] | None = None,
     ) -> None:
         self.cfg = cfg
         self.iface = iface_index
@@ -233,6 +239,7 @@ class RadioWorker:
         self.rx = rx
         self.tx = tx
         self.txs = [tx, *(crypto_tx or [])]  # the control worker's, then each crypto worker's
+        self.to_crypto = to_crypto or []  # DATA frames, to the shard of their source
         self.log = log.get()
         self.counters: Counter[str] = Counter()
         self.forwarding: dict[bytes, tuple[int, int]] = {}
@@ -267,14 +274,20 @@ class RadioWorker:
             time.sleep(0.05)
             return
         up: list[bytes] = []
+        data_recs: list[list[bytes]] = [[] for _ in self.to_crypto]
         for raw in self.decoder.feed(data):
-            self._on_frame(raw, up)
+            self._on_frame(raw, up, data_recs)
         if up:
             sent = self.rx.put_batch(up)
             if sent < len(up):
                 self.counters["drop.queue_full"] += len(up) - sent
+        for ring, recs in zip(self.to_crypto, data_recs, strict=True):
+            if recs:
+                sent = ring.put_batch(recs)
+                if sent < len(recs):
+                    self.counters["drop.crypto_queue_full"] += len(recs) - sent
 
-    def _on_frame(self, raw: bytes, up: list[bytes]) -> None:
+    def _on_frame(self, raw: bytes, up: list[bytes], data_recs: list[list[bytes]]) -> None:
         try:
             dst, src, frame = kiss.decode_radio(raw)
         except FrameError:
@@ -297,25 +310,17 @@ class RadioWorker:
                 return
             frame = rebuilt
         inner = self.hop.receive(src, frame, now)
-        if inner is not None and not self._forward_transit(inner):
-            up.append(radio_in(self.iface, src, inner))
-
-    def _forward_transit(self, frame: bytes) -> bool:
-        """Relay a DATA frame for another node back onto this radio by table lookup."""
-        if len(frame) < wire.DATA_HEADER_LEN or frame[0] != _DATA_BYTE:
-            return False
-        dst = frame[2:34]
-        if dst == self.own_sid:
-            return False
-        hop = self.forwarding.get(dst)
-        if hop is None or hop[0] != self.iface:
-            return False
-        if frame[1] <= 1:
-            self.counters["drop.hop_limit"] += 1
-            return True
-        self.enqueue(hop[1], wire.with_hop_limit(frame, frame[1] - 1))
-        self.counters["transit.forwarded"] += 1
-        return True
+        if inner is None:
+            return
+        verdict = classify(inner, self.own_sid, self.forwarding, self.iface, len(data_recs))
+        if isinstance(verdict, int):
+            rec = radio_in(self.iface, src, inner)
+            (up if verdict == CONTROL else data_recs[verdict]).append(rec)
+        elif isinstance(verdict, Transit):  # relayed back onto this radio
+            self.enqueue(verdict.dest, verdict.frame)
+            self.counters["transit.forwarded"] += 1
+        else:
+            self.counters[verdict.reason] += 1
 
     # -- transmit ---------------------------------------------------------------------
 
@@ -455,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iface", type=int, required=True)
     p.add_argument("--worker", type=int, default=0, help="always 0: one worker per radio")
     p.add_argument("--sid", required=True)
-    p.add_argument("--rings", required=True, help="JSON {rx: spec, tx: spec}")
+    p.add_argument("--rings", required=True, help="JSON {rx, tx, dtx: [...], drx: [...]}")
     a = p.parse_args(argv)
     cfg = load_config(a.config)
     icfg = cfg.interfaces[a.iface]
@@ -466,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     rx = Ring.attach(RingSpec.from_json(rings["rx"]))
     tx = Ring.attach(RingSpec.from_json(rings["tx"]))
     dtx = [Ring.attach(RingSpec.from_json(r)) for r in rings.get("dtx", [])]
+    drx = [Ring.attach(RingSpec.from_json(r)) for r in rings.get("drx", [])]
     try:
-        worker = RadioWorker(icfg, a.iface, sid, rx, tx, dtx)
+        worker = RadioWorker(icfg, a.iface, sid, rx, tx, dtx, drx)
     except OSError as exc:
         log.get().error("radio.open_failed", iface=icfg.name, device=icfg.device, error=str(exc))
         return 3

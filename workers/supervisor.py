@@ -97,7 +97,7 @@ class Supervisor:
             for k in range(1 if radio else self.cfg.workers.per_interface):
                 rx, tx = self._ring(), self._ring()
                 dtx = [self._ring() for _ in range(n_crypto)]
-                drx = [] if radio else [self._ring() for _ in range(n_crypto)]
+                drx = [self._ring() for _ in range(n_crypto)]
                 for c in range(n_crypto):
                     crypto[c]["to_ifaces"].append({"iface": i, "ring": dtx[c].spec.to_dict()})
                     if drx:
