@@ -474,7 +474,7 @@ class NodeCore:
                         continue
                     frames = by_mtu.get((id(item), p.mtu))
                     if frames is None:
-                        frames = pack_routing(item.updates, item.requests, p.mtu, self._next_seq)
+                        frames = self._pack(item, p.mtu)
                         by_mtu[(id(item), p.mtu)] = frames
                     for f in frames:
                         out.extend(self._link_wide(i, f))
@@ -484,9 +484,21 @@ class NodeCore:
                 if (iface, addr) not in self.links.by_key:
                     continue  # the neighbour went away in the meantime
                 mtu = self.interfaces[iface].mtu
-                for f in pack_routing(item.updates, item.requests, mtu, self._next_seq):
+                for f in self._pack(item, mtu):
                     out.append(SendFrame(iface, addr, f))
                     self.counters["update.tx"] += 1
+
+    def _pack(self, item: Outgoing, mtu: int) -> list[bytes]:
+        return pack_routing(
+            item.updates,
+            item.requests,
+            mtu,
+            self._next_seq,
+            compact=item.compact,
+            summary=item.summary,
+            want_full=item.want_full,
+            want=item.want,
+        )
 
     def _next_seq(self) -> int:
         self._frame_seq = (self._frame_seq + 1) % SEQNO_MOD

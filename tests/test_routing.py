@@ -14,7 +14,11 @@ from meshpipe.errors import FrameError
 from meshpipe.identity import Identity
 from meshpipe.link.neighbours import INFINITY, Neighbour, NeighbourKey
 from meshpipe.routing import (
+    BUCKET_SHIFT,
+    COMPACT,
     MAX_HOPS,
+    N_BUCKETS,
+    PREFIX_LEN,
     SEQNO_MOD,
     Outgoing,
     Router,
@@ -22,8 +26,11 @@ from meshpipe.routing import (
     SeqnoRequest,
     Update,
     decode_routing,
+    compact_record,
     encode_routing,
+    fold,
     pack_routing,
+    record_hash,
     route_message,
     seqno_newer,
     sign_route,
@@ -103,7 +110,17 @@ def upd(seqno: int, metric: int, hops: int = 1, origin: Identity = ORIG) -> Upda
 
 
 def linkwide_updates(out: list[Outgoing]) -> list[Update]:
-    return [u for o in out if o.to is None for u in o.updates]
+    """Link-wide updates, signed or compact (these with the origin resolved from its
+    prefix among the test identities, and no signature)."""
+    known = {bytes(i.sid)[:PREFIX_LEN]: bytes(i.sid) for i in (ME, N1, N2, ORIG)}
+    got: list[Update] = []
+    for o in out:
+        if o.to is None:
+            got.extend(o.updates)
+            for rec in o.compact:
+                prefix, seqno, metric, hops, mtu = COMPACT.unpack(rec)
+                got.append(Update(known[prefix], seqno, metric, hops, b"", mtu))
+    return got
 
 
 def linkwide_requests(out: list[Outgoing]) -> list[SeqnoRequest]:
@@ -359,15 +376,43 @@ def test_request_answered_or_forwarded_towards_origin() -> None:
     assert h.counters["request.unroutable"] == 1
 
 
-def test_full_dump_contains_own_selected_and_retractions() -> None:
+def test_refresh_carries_changes_and_a_summary_link_up_the_whole_table() -> None:
     h = Harness()
     h.hear(K1, upd(5, 256))
     h.hear(K1, upd(3, 256, origin=N2))
     h.hear(K1, Update(bytes(N2.sid), 3, INFINITY, 0, sign_route(N2, 3)))
-    h.flush()
+    h.flush()  # triggered: ORIG and N2's retraction
     h.router.next_dump = 2.0
-    dump = linkwide_updates(h.flush(2.0))
-    got = {bytes(u.origin): (u.seqno, u.metric) for u in dump}
-    assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 512), bytes(N2.sid): (3, INFINITY)}
+    out = h.flush(2.0)
+    # The periodic refresh: only what changed since (our own route, never sent yet)...
+    got = {bytes(u.origin): (u.seqno, u.metric) for u in linkwide_updates(out)}
+    assert got == {bytes(ME.sid): (0, 0)}
     assert h.counters["update.dump"] == 1
     assert 2.0 + 4.0 * 0.9 <= h.router.next_dump <= 2.0 + 4.0
+    # ... and the summary of everything advertised: retractions count for nothing.
+    (summary,) = [o.summary for o in out if o.summary is not None]
+    digests: Counter[int] = Counter()
+    for origin, metric in ((ME.sid, 0), (ORIG.sid, 512)):
+        u = Update(bytes(origin), 5 if metric else 0, metric, 2 if metric else 0, b"")
+        digests[bytes(origin)[0] >> BUCKET_SHIFT] ^= record_hash(compact_record(u))
+    assert summary == b"".join(
+        d.to_bytes(8, "big") for d in fold([digests[b] for b in range(N_BUCKETS)], 0)
+    )
+    # Nothing changes: the next refresh is the summary alone.
+    h.router.next_dump = 3.0
+    out = h.flush(3.0)
+    assert linkwide_updates(out) == [] and [o.summary for o in out if o.summary] == [summary]
+    # A small metric change (no triggered update) rides the next refresh, compact.
+    h.links[K1].cost = 270
+    h.router.link_changed(K1, 3.5)
+    assert linkwide_updates(h.flush(3.5)) == []
+    h.router.next_dump = 4.0
+    out = h.flush(4.0)
+    assert [(u.origin, u.metric) for u in linkwide_updates(out)] == [(bytes(ORIG.sid), 526)]
+    assert all(o.updates == [] for o in out)  # signed already: compact
+    # A new neighbour gets the whole table at once, signed.
+    h.router.link_up(K2, 4.5)
+    (dump,) = [o for o in h.flush(4.5) if o.to == K2]
+    got = {bytes(u.origin): (u.seqno, u.metric) for u in dump.updates}
+    assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 526), bytes(N2.sid): (3, INFINITY)}
+    assert all(u.sig for u in dump.updates)
