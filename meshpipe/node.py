@@ -270,6 +270,9 @@ class NodeCore:
         self.fwd_generation = 0  # bumped whenever the forwarding table changes
         self._frame_seq = self.rng.randrange(SEQNO_MOD)  # routing frame counter
         self._deadline = now
+        # The neighbour table's next deadline, recomputed only when it can have moved
+        # (a hello, a timer): routing frames, most of what a big mesh delivers, leave it.
+        self._links_deadline = self.links.next_deadline()
         self._recompute_deadline()
 
     # -- public entry points -------------------------------------------------------------
@@ -283,7 +286,10 @@ class NodeCore:
             frame = bytes(frame)
             kind = wire.frame_kind(frame)
             if kind == wire.KIND_HELLO:
-                self._on_hello(iface, src, frame, now, out)
+                try:
+                    self._on_hello(iface, src, frame, now, out)
+                finally:
+                    self._links_deadline = self.links.next_deadline()
             elif kind == wire.KIND_ROUTING:
                 self._on_routing(iface, src, frame, now)
             else:
@@ -329,6 +335,7 @@ class NodeCore:
                     out.extend(self._link_wide(i, f))
                     self.counters["hello.tx"] += 1
         self.router.tick(now)
+        self._links_deadline = self.links.next_deadline()
         return self._finish(now, out)
 
     def next_deadline(self) -> float:
@@ -539,7 +546,7 @@ class NodeCore:
     def _recompute_deadline(self) -> None:
         self._deadline = min(
             min(self._next_hello, default=math.inf),
-            self.links.next_deadline(),
+            self._links_deadline,
             self.router.next_deadline(),
         )
 

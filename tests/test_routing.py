@@ -416,3 +416,47 @@ def test_refresh_carries_changes_and_a_summary_link_up_the_whole_table() -> None
     got = {bytes(u.origin): (u.seqno, u.metric) for u in dump.updates}
     assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 526), bytes(N2.sid): (3, INFINITY)}
     assert all(u.sig for u in dump.updates)
+
+
+def test_compact_update_needs_a_verified_signature() -> None:
+    """A compact update for an (origin, seqno) whose signature we do not hold verified
+    installs nothing: we ask the sender for the full signed update instead."""
+    h = Harness()
+    h.hear(K1, upd(5, 256))
+    rec = COMPACT.pack(bytes(ORIG.sid)[:PREFIX_LEN], 6, 0, 0, 1400)  # seqno 6: never seen
+    h.router.on_routing(K2, RoutingFrame(1, [], [], compact=(rec,)), 1.0)
+    assert all(e.seqno == 5 for e in h.router.entries[bytes(ORIG.sid)].values())
+    assert K2 not in h.router.entries[bytes(ORIG.sid)]
+    asks = [o.want_full for o in h.flush() if o.to == K2]
+    assert asks == [[(bytes(ORIG.sid)[:PREFIX_LEN], 6)]]
+    # An unknown prefix is asked for too; a known (origin, seqno) is taken compact.
+    stranger = Identity.from_seed(b"\x77" * 32)
+    rec2 = COMPACT.pack(bytes(stranger.sid)[:PREFIX_LEN], 1, 0, 0, 1400)
+    rec3 = COMPACT.pack(bytes(ORIG.sid)[:PREFIX_LEN], 5, 300, 1, 1400)
+    h.router.on_routing(K2, RoutingFrame(2, [], [], compact=(rec2, rec3)), 1.5)
+    assert bytes(stranger.sid) not in h.router.entries
+    assert h.router.entries[bytes(ORIG.sid)][K2].adv_metric == 300
+    assert h.counters["update.want_full"] == 2
+    # Asked again at once: not repeated within request_timeout.
+    h.router.on_routing(K2, RoutingFrame(3, [], [], compact=(rec,)), 1.6)
+    assert [o.want_full for o in h.flush(1.6) if o.to == K2] == [[(rec2[:PREFIX_LEN], 1)]]
+    assert h.counters["update.want_full"] == 2
+
+
+def test_want_full_and_bucket_requests_are_answered() -> None:
+    h = Harness()
+    h.hear(K1, upd(5, 256))
+    h.flush()  # ORIG advertised, signed
+    prefix = bytes(ORIG.sid)[:PREFIX_LEN]
+    h.router.on_routing(K2, RoutingFrame(1, [], [], want_full=((prefix, 5),)), 2.0)
+    (ans,) = [o for o in h.flush(2.0) if o.to == K2]
+    assert [(u.origin, u.seqno, u.metric) for u in ans.updates] == [(bytes(ORIG.sid), 5, 512)]
+    assert ans.updates[0].sig == sign_route(ORIG, 5)
+    # Once per request_timeout per origin and neighbour.
+    h.router.on_routing(K2, RoutingFrame(2, [], [], want_full=((prefix, 5),)), 2.5)
+    assert [o for o in h.flush(2.5) if o.to == K2] == []
+    # All buckets (one coarse bucket): every advertised entry again, compact.
+    h.router.on_routing(K2, RoutingFrame(3, [], [], want=(0, 1)), 3.0)
+    (ans,) = [o for o in h.flush(3.0) if o.to == K2]
+    assert sorted(COMPACT.unpack(r)[0] for r in ans.compact) == [prefix]
+    assert h.counters["refresh.want_answered"] == 1

@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
-from meshpipe.actions import BROADCAST, Action, ForwardingChanged, LinkAddr
+from meshpipe.actions import BROADCAST, Action, ForwardingChanged
 from meshpipe.identity import Identity
 from meshpipe.node import InterfaceParams, NodeCore, Timing
 from meshpipe.routing import SEQNO_MOD, Update, encode_routing, route_message
 from meshpipe.sim import LinkProfile, SimMesh
+from meshpipe.simscale import components, next_node
 
 TIMING = Timing()
 CONVERGE_BOUND = 10.0
@@ -86,13 +87,7 @@ class Net:
         self.dirty.clear()
 
     def _next(self, node: str, dst: bytes) -> str | None:
-        hop = self.mesh.forwarding[node].get(dst)
-        if hop is None:
-            return None
-        addr: LinkAddr = hop[1]
-        assert isinstance(addr, tuple)
-        nxt = str(addr[0])
-        return nxt if self.mesh.is_running(nxt) else None
+        return next_node(self.mesh, node, dst)
 
     def _check_dst(self, dst: bytes) -> None:
         self.checks += 1
@@ -130,26 +125,8 @@ class Net:
     def alive(self) -> list[str]:
         return [n for n in self.names if self.mesh.is_running(n)]
 
-    def components(self) -> dict[str, set[str]]:
-        adj: dict[str, set[str]] = defaultdict(set)
-        live = set(self.alive())
-        for a, b in self.edges:
-            if a in live and b in live and frozenset((a, b)) not in self.cut:
-                adj[a].add(b)
-                adj[b].add(a)
-        comp: dict[str, set[str]] = {}
-        for n in live:
-            if n in comp:
-                continue
-            seen, todo = {n}, [n]
-            while todo:
-                for y in adj[todo.pop()]:
-                    if y not in seen:
-                        seen.add(y)
-                        todo.append(y)
-            for m in seen:
-                comp[m] = seen
-        return comp
+    def components(self) -> dict[str, frozenset[str]]:
+        return components(self.mesh, self.names, self.edges, self.cut)
 
     def path_works(self, src: str, dst: str) -> bool:
         """Following the forwarding tables from src reaches dst over live links only."""
