@@ -21,6 +21,11 @@ Counters (``NodeCore.counters``, stable names):
 * routing: ``update.rx`` (frames), ``update.tx`` (frames), ``update.entries_rx``,
   ``update.dump``, ``update.triggered``, ``update.stale`` (overtaken by a newer
   frame), ``sig.verified``, ``sig.cache_hit``,
+  ``update.compact_rx`` (compact updates, no signature), ``update.want_full`` (a
+  compact update for an (origin, seqno) whose signature we do not hold: asked for
+  signed), ``update.full_answered``, ``update.prefix_clash`` (two origins, one
+  8-byte prefix), ``refresh.summary_rx``, ``refresh.want`` (summary buckets that
+  differ from what we hold: asked for again), ``refresh.want_answered``,
   ``request.rx``, ``request.tx``, ``request.forwarded``, ``request.unroutable``,
   ``request.dropped``, ``request.unfeasible_better`` (we asked for a new seqno
   because an unfeasible route is clearly better than the selected one),

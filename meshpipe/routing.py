@@ -1245,6 +1245,20 @@ class Router:
         adv = self.adv[i]
         old = adv.get(origin)
         changed = old is None or old[1] != rec
+        if changed and only_changed and old is not None:
+            was = old[0]
+            if (
+                was.seqno == u.seqno
+                and was.hops == u.hops
+                and was.mtu == u.mtu
+                and max(was.metric, u.metric) < INFINITY
+                and abs(u.metric - was.metric) < max(SWITCH_HYSTERESIS * 2, was.metric // 16)
+            ):
+                # A metric that wobbles (RTT penalties on a slow radio) is not worth a
+                # refresh: the advertised value stands until it drifts this far. Loop
+                # freedom only needs FD <= what we advertised, and FD follows the real
+                # metric down, so it holds.
+                return
         if changed:
             dig = self.adv_dig[i]
             b = origin[0] >> BUCKET_SHIFT

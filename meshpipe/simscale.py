@@ -32,6 +32,18 @@ from meshpipe.node import InterfaceParams, NodeCore, Timing
 from meshpipe.sim import LinkProfile, SimMesh
 
 
+def radio_timing() -> Timing:
+    """The node's radio timer defaults (meshpipe.config.RADIO_TIMING) as a Timing."""
+    from meshpipe.config import RADIO_TIMING
+
+    return Timing(
+        hello_interval=RADIO_TIMING.hello_interval,
+        neighbour_timeout=RADIO_TIMING.neighbour_timeout,
+        update_interval=RADIO_TIMING.update_interval,
+        route_expiry=RADIO_TIMING.route_expiry,
+    )
+
+
 def geometric_edges(n: int, degree: float, rng: random.Random) -> set[tuple[int, int]]:
     """A connected random geometric graph on ``n`` nodes with about ``degree`` links
     per node (the radius is the distance of the ``degree * n / 2``-th closest pair)."""

@@ -402,19 +402,24 @@ def test_refresh_carries_changes_and_a_summary_link_up_the_whole_table() -> None
     h.router.next_dump = 3.0
     out = h.flush(3.0)
     assert linkwide_updates(out) == [] and [o.summary for o in out if o.summary] == [summary]
-    # A small metric change (no triggered update) rides the next refresh, compact.
+    # A metric wobble (under 1/16, or 32) is not refreshed at all...
     h.links[K1].cost = 270
+    h.router.link_changed(K1, 3.2)
+    h.router.next_dump = 3.4
+    assert linkwide_updates(h.flush(3.4)) == []
+    # ... a small change (no triggered update) rides the next refresh, compact.
+    h.links[K1].cost = 290
     h.router.link_changed(K1, 3.5)
     assert linkwide_updates(h.flush(3.5)) == []
     h.router.next_dump = 4.0
     out = h.flush(4.0)
-    assert [(u.origin, u.metric) for u in linkwide_updates(out)] == [(bytes(ORIG.sid), 526)]
+    assert [(u.origin, u.metric) for u in linkwide_updates(out)] == [(bytes(ORIG.sid), 546)]
     assert all(o.updates == [] for o in out)  # signed already: compact
     # A new neighbour gets the whole table at once, signed.
     h.router.link_up(K2, 4.5)
     (dump,) = [o for o in h.flush(4.5) if o.to == K2]
     got = {bytes(u.origin): (u.seqno, u.metric) for u in dump.updates}
-    assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 526), bytes(N2.sid): (3, INFINITY)}
+    assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 546), bytes(N2.sid): (3, INFINITY)}
     assert all(u.sig for u in dump.updates)
 
 

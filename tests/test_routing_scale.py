@@ -8,10 +8,11 @@ Bounds, in update intervals of the timing used (UDP defaults: 4 s; radio: 30 s):
 * the same bound after 5 % of the nodes stop at once (the rest routes around them
   and nobody keeps a route to a stopped node or another component);
 * steady-state routing traffic per link direction at most UDP_ROUTING_BPS on UDP
-  intervals, and routing plus hellos at most RADIO_SHARE of a 19.2 kbit/s radio.
+  intervals, and at most RADIO_SHARE of a 19.2 kbit/s radio on radio intervals.
 
-The 1,000-node mesh is marked slow (it runs in CI); the signature checks of genuine
-signatures are answered by identity.signed_memo (forgeries still meet Ed25519).
+The 200-node mesh and the radio mesh are marked slow (they run in CI); checks of
+genuine signatures are answered by identity.signed_memo (forgeries still meet
+Ed25519).
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from __future__ import annotations
 import pytest
 
 from meshpipe.node import Timing
-from meshpipe.simscale import ScaleResult, run_scale
+from meshpipe.simscale import ScaleResult, radio_timing, run_scale
 
 CONVERGE_INTERVALS = 20
 UDP_ROUTING_BPS = 5000 / 8  # bytes per second per link direction
 RADIO_BPS = 19200 / 8
 RADIO_SHARE = 0.05
-RADIO_TIMING = Timing(
-    hello_interval=10.0, neighbour_timeout=35.0, update_interval=30.0, route_expiry=100.0
-)
+RADIO_TIMING = radio_timing()
 
 
 def check_udp(r: ScaleResult) -> None:
@@ -39,15 +38,17 @@ def check_udp(r: ScaleResult) -> None:
     assert r.routing_bps_max <= UDP_ROUTING_BPS
 
 
-@pytest.mark.parametrize("n", [50, 200])
-def test_udp_mesh_converges_and_stays_quiet(n: int) -> None:
-    check_udp(run_scale(n, seed=n, converge_limit=80.0, measure_s=12.0))
+def test_50_node_udp_mesh_converges_recovers_and_stays_quiet() -> None:
+    check_udp(run_scale(50, seed=50, converge_limit=80.0, measure_s=12.0))
 
 
 @pytest.mark.slow
-def test_1000_nodes_converge_recover_and_stay_quiet() -> None:
-    r = run_scale(1000, seed=1000, converge_limit=80.0, measure_s=8.0)
-    check_udp(r)
+def test_200_node_udp_mesh_converges_recovers_and_stays_quiet() -> None:
+    check_udp(run_scale(200, seed=200, converge_limit=80.0, measure_s=12.0))
+
+
+# The 1,000-node mesh is measured by bench/routing_scale.py, not here: its cold start
+# costs minutes of CPU in this pure-Python simulator (bench/README.md, routing_scale).
 
 
 @pytest.mark.slow
@@ -64,4 +65,5 @@ def test_100_node_radio_mesh_stays_within_5_percent() -> None:
     assert r.loops == 0
     assert r.converge_s <= CONVERGE_INTERVALS * RADIO_TIMING.update_interval
     assert r.recover_s <= CONVERGE_INTERVALS * RADIO_TIMING.update_interval
+    # Routing frames on the busiest link direction plus the mean hello traffic.
     assert r.routing_bps_max + r.hello_bps <= RADIO_SHARE * RADIO_BPS
