@@ -121,7 +121,7 @@ class Timing:
 
     hello_interval: float = 1.0
     neighbour_timeout: float = 4.0  # a neighbour not heard for this long is dropped
-    update_interval: float = 4.0  # full route dump period
+    update_interval: float = 4.0  # periodic route refresh: changes and a table summary
     route_expiry: float = 14.0  # a route entry not refreshed for this long is removed
     request_timeout: float = 1.0  # resend an unanswered seqno request after this long
     request_retries: int = 3
