@@ -6,7 +6,6 @@ interface (SO_REUSEPORT), ping across two hops, and CLI behaviour.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from meshpipe_workers.labnet import Lab
+from tests.netns import loopback_ports
 
 WORKERS = "[workers]\nper_interface = 2\ncrypto = 2\n"
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    port = 21000 + os.getpid() % 20000
+    port = loopback_ports()
     with Lab(
         ["x", "y", "z"],
         tmp_path_factory.mktemp("lo"),

@@ -11,7 +11,6 @@ and asserts it stays within 1% of the link rate (issue 18).
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from meshpipe.sim import LinkProfile, SimMesh
 from meshpipe_workers.labnet import Lab
 from meshpipe_workers.radio import SendQueue, TokenBucket, priority
 from meshpipe_workers.radio_channel import RadioChannel, radio_interface_toml
+from tests.netns import loopback_ports
 
 RATE = 19_200
 BUDGET = RATE / 8 * 0.01  # 1% of the link rate: 24 bytes/s
@@ -47,7 +47,7 @@ class Radios:
 
 @pytest.fixture(scope="module")
 def radios(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Radios]:
-    port = 23000 + os.getpid() % 20000
+    port = loopback_ports()  # p, q: none; a, b: port + 10, + 11
     work = tmp_path_factory.mktemp("radio")
     with RadioChannel(["p", "q"], RATE) as pair_air, RadioChannel(["b", "c"], RATE) as mesh_air:
         pair = Lab(

@@ -11,7 +11,6 @@ same way, and no worker is restarted by any of it.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -21,13 +20,14 @@ from typing import Any
 import pytest
 
 from meshpipe_workers.labnet import Lab
+from tests.netns import loopback_ports
 
 SVC = '\n[[service]]\nname = "svc"\nto = "127.0.0.1:1"\nport = 6000\nallow = []\n'
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    port = 23000 + os.getpid() % 20000
+    port = loopback_ports()  # x, y; the metrics port is port + 7
     with Lab(
         ["x", "y"],
         tmp_path_factory.mktemp("reload"),
@@ -108,7 +108,7 @@ def test_acl_exit_peers_log_level_and_metrics_change_live(lab: Lab) -> None:
     )
 
     # [metrics] added: a metrics worker starts; removed: it stops. Nothing else restarts.
-    mport = 23000 + (os.getpid() + 7) % 20000
+    mport = lab.base_port + 7
     y.config.write_text(text + f'\n[metrics]\nlisten = "127.0.0.1:{mport}"\n')
     assert reload(lab, "y")["live"] == ["metrics.listen"]
     url = f"http://127.0.0.1:{mport}/metrics"

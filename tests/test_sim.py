@@ -684,8 +684,8 @@ def test_fifty_nodes_for_five_minutes_is_fast() -> None:
         x, y = rnd.sample(range(n), 2)
         if (f"n{y}", 0) not in mesh.neighbours(f"n{x}"):
             mesh.connect(f"n{x}", f"n{y}", prof)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: the sim's cost, not the machine's other load
     mesh.run_until(300.0)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     assert mesh.stats.delivered > 50_000
-    assert elapsed < 5.0, f"{mesh.stats.events} events took {elapsed:.2f}s"
+    assert elapsed < 5.0, f"{mesh.stats.events} events took {elapsed:.2f} s of CPU"
