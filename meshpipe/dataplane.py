@@ -75,6 +75,7 @@ from meshpipe.msp import (
     StreamError,
     StreamReadable,
     in_dataplane,
+    stream_number,
 )
 from meshpipe.node import InterfaceParams, Timing
 from meshpipe.offload import (
@@ -164,6 +165,9 @@ class CryptoShard:
                 rng=msp_rng,
             )
             self.msp.listen(TUNNEL_PORT, modes=frozenset({Mode.DATAGRAM}))
+        # Service streams (forwards, SOCKS, msp) the control worker handed over once
+        # bridged (workers/stream_handoff.py): they run here, next to their session.
+        self.streams = Msp(self.sid, self.path_mtu, msp_params)
 
     # -- the table ---------------------------------------------------------------------
 
@@ -270,8 +274,17 @@ class CryptoShard:
         except StreamError:  # too many streams, a closed one, too large: drop this packet
             self.counters["tunnel.drop.stream_error"] += 1
 
+    def plaintext(self, src: bytes, plaintext: bytes, hops: int, now: float) -> list[Action]:
+        """A segment of a handed-over stream that reached the control worker first."""
+        out: list[Action] = []
+        self._session_outs([Plaintext(bytes(src), plaintext)], hops, now, out)
+        return self._finish(out)
+
     def on_timer(self, now: float) -> list[Action]:
         out: list[Action] = []
+        if now >= self.streams.next_deadline():
+            for dst, pt in self.streams.on_timer(now):
+                self._seal_into(bytes(dst), bytes(pt), now, out)
         if now >= self.session.next_deadline():
             self._session_outs(self.session.on_timer(now), 0, now, out)
         if self.msp is not None and now >= self.msp.next_deadline():
@@ -282,7 +295,11 @@ class CryptoShard:
         return self._finish(out)
 
     def next_deadline(self) -> float:
-        t = min(self.session.next_deadline(), self.reassembler.next_deadline())
+        t = min(
+            self.session.next_deadline(),
+            self.reassembler.next_deadline(),
+            self.streams.next_deadline(),
+        )
         return t if self.msp is None else min(t, self.msp.next_deadline())
 
     # -- status ------------------------------------------------------------------------
@@ -294,6 +311,7 @@ class CryptoShard:
         c = collections.Counter(self.counters)
         c.update(self.session.counters)
         c.update(self.reassembler.counters)
+        c.update(self.streams.counters)
         if self.msp is not None and self.tunnel is not None:
             c.update(self.msp.counters)
             c.update(self.tunnel.counters)
@@ -334,6 +352,9 @@ class CryptoShard:
             elif isinstance(o, Plaintext):
                 if self.msp is not None and in_dataplane(o.payload):
                     for dst, pt in self.msp.on_plaintext(o.src, o.payload, hops, now):
+                        self._seal_into(bytes(dst), bytes(pt), now, out)
+                elif self.streams.holds(o.src, stream_number(o.payload)):
+                    for dst, pt in self.streams.on_plaintext(o.src, o.payload, hops, now):
                         self._seal_into(bytes(dst), bytes(pt), now, out)
                 else:
                     out.append(Opened(o.src, o.payload, hops))

@@ -197,6 +197,11 @@ def test_forward_20mb_byte_exact_and_50_concurrent(env: Env, tmp_path: Path) -> 
     want = digest((env.www / "big.bin").read_bytes()).hexdigest()
     assert digest(out.read_bytes()).hexdigest() == want
     print(f"20 MB through the forward in {took:.1f} s")
+    # Both ends ran the stream in a crypto worker (workers/stream_handoff.py).
+    for name in ("a", "d"):
+        counters = lab.cli(name, "status")["counters"]
+        assert counters.get("handoff.moved", 0) >= 1, (name, counters)
+        assert counters.get("handoff.adopted", 0) == counters["handoff.moved"], name
     small = (env.www / "small.txt").read_bytes()
     procs = [
         env.topo.exec(

@@ -45,7 +45,8 @@ from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.services import COMMANDS as SERVICE_COMMANDS
 from meshpipe_workers.services import Services
 from meshpipe_workers.stopflag import StopFlag
-from meshpipe_workers.streams import StreamHub, reset_reason, stream_mode
+from meshpipe_workers.stream_handoff import HANDOFF_ENV, StreamMover
+from meshpipe_workers.streams import StreamHub, accept_conn, reset_reason, serve, stream_mode
 from meshpipe_workers.trace_jobs import TraceJobs
 from meshpipe_workers.tun import tunnel_status
 from meshpipe_workers.txrings import FrameSender, flush_batches
@@ -85,16 +86,12 @@ class ControlServer:
             self.sock.bind(path)
         finally:
             os.umask(old)
-        self.sock.listen(16)
-        self.sock.setblocking(False)
-        sel.register(self.sock, selectors.EVENT_READ, self._accept)
+        serve(self.sock, sel, self._accept)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        conn = accept_conn(self.sock)
+        if conn is None:
             return
-        conn.setblocking(False)
         self.buffers[conn] = bytearray()
         self.sel.register(conn, selectors.EVENT_READ, lambda c=conn: self._read(c))
 
@@ -288,6 +285,9 @@ class ControlWorker:
 
         self.server = ControlServer(cfg.node.control_socket, self.sel, self._handle_request)
         self.hub = StreamHub(self.sel, time.monotonic)
+        # Bridged service streams run in the crypto worker of their peer.
+        self.mover = self._start_mover(cfg, len(self.to_crypto))
+        self.hub.mover = self.mover
         self.traces = TraceJobs(self.core, self.server.write_line, self.known_sids)
         # Exposed services, forwards, SOCKS and the exit (workers/services.py).
         self.services = Services(
@@ -296,6 +296,17 @@ class ControlWorker:
         self.reloader = reload.control_reloader(self)  # workers/reload.py: register sections
         self.reload_wanted = False
         self.dns = self._start_dns()
+
+    def _start_mover(self, cfg: Config, shards: int) -> StreamMover | None:
+        if not shards or os.environ.get(HANDOFF_ENV) == "off":
+            return None
+        try:
+            return StreamMover(
+                self.sel, cfg.node.control_socket, shards, self.core.msp, self.counters
+            )
+        except OSError as exc:  # the streams then stay here, as with no crypto workers
+            self.log.error("handoff.unavailable", error=str(exc))
+            return None
 
     def _start_dns(self) -> DnsServer | None:
         """The [dns] responder; a node whose address is taken keeps running without it."""
@@ -339,7 +350,8 @@ class ControlWorker:
                 self.worker_reports[(body["iface"], body["worker"])] = body
             elif tag == msg.REC_OPENED:
                 src, hops, pt = msg.parse_sid_hops_record(rec)
-                self.execute(self.core.on_opened(src, pt, hops, now))
+                if self.mover is None or not self.mover.forward(src, pt, hops):
+                    self.execute(self.core.on_opened(src, pt, hops, now))
             elif tag == msg.REC_CRYPTO_REPORT:
                 body = msg.unpacked_map(rec, ("index",), ("counters",))
                 if not isinstance(body.get("sessions", []), list):
@@ -545,7 +557,16 @@ class ControlWorker:
     # -- MSP streams for the CLI (meshpipe msp connect / listen) ---------------------
 
     def api_streams(self) -> list[dict[str, Any]]:
-        return self.core.msp.info(time.monotonic())
+        """The control worker's streams, then those handed to crypto workers (as of
+        their last report)."""
+        return self.core.msp.info(time.monotonic()) + self.moved_streams()
+
+    def moved_streams(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for _k, body in sorted(self.crypto_reports.items()):
+            rows = body.get("streams", [])
+            out.extend(r for r in rows if isinstance(r, dict)) if isinstance(rows, list) else None
+        return out
 
     def api_msp_connect(self, req: dict[str, Any]) -> Deferred:
         dst = resolve_sid(str(req.get("sid", "")), self.known_sids())
@@ -720,7 +741,7 @@ class ControlWorker:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "neighbours": len(self.core.neighbours()),
             "routes": len(self.core.routes()),
-            "streams": len(self.core.msp.streams()),
+            "streams": len(self.core.msp.streams()) + len(self.moved_streams()),
             "listening": [{"port": p} for p in self.core.msp.listening()],
             "counters": dict(counters),
             "workers": workers,
@@ -803,6 +824,8 @@ class ControlWorker:
                 next_stats = now + STATS_PERIOD
         self.farewell()
         self.services.close()
+        if self.mover is not None:
+            self.mover.close()
         if self.dns is not None:
             self.dns.close()
         self.server.close()

@@ -57,6 +57,7 @@ from meshpipe_workers.coreparams import interface_params
 from meshpipe_workers.reload import follow_log_level
 from meshpipe_workers.ring import Ring, RingSpec
 from meshpipe_workers.stopflag import StopFlag
+from meshpipe_workers.stream_handoff import ShardStreams
 from meshpipe_workers.tun import TunError, TunQueue, open_queue
 from meshpipe_workers.txrings import FrameSender, flush_batches
 
@@ -101,6 +102,8 @@ class CryptoWorker:
         self.to_peers = {int(k): _attach(v) for k, v in rings.get("to_peers", {}).items()}
         self.from_peers = [_attach(r) for r in rings.get("from_peers", [])]
         self.tcfg = cfg.tunnel
+        self.control_socket = cfg.node.control_socket
+        self.streams: ShardStreams | None = None  # service streams moved here, from run()
         self.tun: TunQueue | None = None
         self.tun_retry_at = now if cfg.tunnel.enabled else math.inf
         self.up: list[bytes] = []  # REC_OPENED for the control worker
@@ -197,6 +200,10 @@ class CryptoWorker:
                 if a.name.startswith("session."):
                     self.report_at = min(self.report_at, time.monotonic() + REPORT_SOON)
 
+    def _run(self, actions: list[Action]) -> None:
+        self._execute(actions)
+        self._flush()
+
     def _flush(self) -> None:
         self.sender.flush()
         pending: dict[Ring, list[bytes]] = {}
@@ -219,6 +226,7 @@ class CryptoWorker:
             "handshakes_in_progress": self.shard.session.handshakes_in_progress(),
             "in_queue_depth": sum(r.depth() for r in inputs),
             "in_queue_dropped": sum(r.dropped_full for r in inputs),
+            "streams": [] if self.streams is None else self.streams.report(now),
         }
         if not self.to_control.put(msg.packed(msg.REC_CRYPTO_REPORT, body)):
             self.counters["crypto.drop.queue_full"] += 1
@@ -234,6 +242,9 @@ class CryptoWorker:
         handlers.extend((r, self.on_peer) for r in self.from_peers)
         for ring, handle in handlers:
             sel.register(ring.consumer_fd(), selectors.EVENT_READ, (ring, handle))
+        self.streams = streams = ShardStreams(
+            sel, self.control_socket, self.index, self.shard, time.monotonic, self._run
+        )
         self.to_control.put(bytes((msg.REC_CRYPTO_UP, self.index)))
         self.log.info("crypto.start", index=self.index, count=self.count)
         # A restarted worker finds its peers' packets queued; without the table its
@@ -253,14 +264,25 @@ class CryptoWorker:
             now = time.monotonic()
             if now >= self.tun_retry_at:  # only now: packets read need the table
                 self._attach_tun(sel, now)
-            wake = min(self.shard.next_deadline(), self.report_at, self.tun_retry_at)
+            wake = min(
+                self.shard.next_deadline(),
+                self.report_at,
+                self.tun_retry_at,
+                streams.next_deadline(),
+            )
             for key, _ in sel.select(max(0.0, min(wake - now, 1.0))):
                 if key.data is None:
                     self.on_tun()
-                    continue
-                ring, handle = key.data
-                self._drain(ring, handle)
+                elif callable(key.data):  # a handed-over stream's socket, or its channel
+                    key.data()
+                else:
+                    ring, handle = key.data
+                    self._drain(ring, handle)
             now = time.monotonic()
+            streams.poll(now)
+            if streams.changed:  # `meshpipe streams` should see it at once
+                streams.changed = False
+                self.report_at = min(self.report_at, now + REPORT_SOON)
             if now >= self.shard.next_deadline():
                 self._execute(self.shard.on_timer(now))
                 self._flush()

@@ -84,6 +84,7 @@ def snapshot(w: ControlWorker) -> dict[str, Any]:
             }
         )
     streams: Counter[str] = Counter(s.mode.name.lower() for s in w.core.msp.streams())
+    streams.update(str(r.get("mode", "reliable")) for r in w.moved_streams())
     services = w.core.services(now)
     return {
         "sid": str(w.identity.sid),

@@ -766,7 +766,7 @@ class Services:
             stream=str(st.id),
         )
 
-        def ended(_pipe: StreamPipe) -> None:
+        def ended(_pipe: StreamPipe | None) -> None:
             lst.active -= 1
 
         self.hub.attach(conn, st, on_end=ended)
@@ -936,7 +936,7 @@ class Services:
                 st.write(ev.data, now)  # at most one recv's worth: within the send buffer
         lst = sc.listener
 
-        def ended(_pipe: StreamPipe) -> None:
+        def ended(_pipe: StreamPipe | None) -> None:
             lst.active -= 1
 
         self.hub.attach(sc.sock, st, on_end=ended)

@@ -37,7 +37,7 @@ import selectors
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshpipe import log
 from meshpipe.errors import MeshpipeError
@@ -54,6 +54,9 @@ from meshpipe.msp import (
     StreamWritable,
 )
 from meshpipe.msp.wire import Mode, ResetCode
+
+if TYPE_CHECKING:
+    from meshpipe_workers.stream_handoff import StreamMover
 
 CHUNK = 256 * 1024
 FRAME = struct.Struct("!I")
@@ -101,7 +104,7 @@ class StreamPipe:
         stream: Stream,
         *,
         framed: bool = False,
-        on_end: Callable[[StreamPipe], None] | None = None,
+        on_end: Callable[[StreamPipe | None], None] | None = None,
     ) -> None:
         self.hub = hub
         self.sock = sock
@@ -299,8 +302,30 @@ class StreamPipe:
             self.events = want
 
 
+def serve(
+    listener: socket.socket, sel: selectors.BaseSelector, on_accept: Callable[[], None]
+) -> None:
+    """Listen on a bound socket, non-blocking, ``on_accept`` called when one is due."""
+    listener.listen(16)
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ, on_accept)
+
+
+def accept_conn(listener: socket.socket) -> socket.socket | None:
+    """One connection from a non-blocking listening socket, made non-blocking; None
+    if there is none after all."""
+    try:
+        conn, _ = listener.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    conn.setblocking(False)
+    return conn
+
+
 class StreamHub:
-    """The control worker's pipes and stream listeners."""
+    """The pipes and stream listeners of a worker (the control worker; a crypto
+    worker for the streams handed to it). With a ``mover``, a stream being attached
+    may leave instead, socket and all (``on_end`` is then called with None)."""
 
     def __init__(self, sel: selectors.BaseSelector, clock: Callable[[], float]) -> None:
         self.sel = sel
@@ -309,10 +334,21 @@ class StreamHub:
         # Streams waiting for their handshake, with what to do once open or refused.
         self.pending: dict[Stream, tuple[Callable[[Stream], None], Callable[[Stream], None]]] = {}
         self.acceptors: dict[int, Callable[[Stream], None]] = {}
+        self.mover: StreamMover | None = None
         self.log = log.get()
 
-    def attach(self, sock: socket.socket, stream: Stream, **kw: Any) -> StreamPipe:
-        pipe = StreamPipe(self, sock, stream, **kw)
+    def attach(
+        self,
+        sock: socket.socket,
+        stream: Stream,
+        *,
+        framed: bool = False,
+        on_end: Callable[[StreamPipe | None], None] | None = None,
+    ) -> StreamPipe | None:
+        """Bridge ``sock`` and ``stream`` here, or (None) hand both to the mover."""
+        if self.mover is not None and self.mover.move(sock, stream, framed, on_end):
+            return None
+        pipe = StreamPipe(self, sock, stream, framed=framed, on_end=on_end)
         self.pipes[stream] = pipe
         pipe.pull(self.now())
         if stream.closed:
@@ -399,7 +435,9 @@ __all__ = [
     "TRAILER",
     "StreamHub",
     "StreamPipe",
+    "accept_conn",
     "frame_chunk",
     "frame_trailer",
+    "serve",
     "stream_mode",
 ]

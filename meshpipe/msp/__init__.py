@@ -22,7 +22,14 @@ from meshpipe.msp.endpoint import (
     StreamWritable,
 )
 from meshpipe.msp.stream import MessageTooLarge, State, Stream, StreamError, StreamId
-from meshpipe.msp.wire import DATAPLANE_SPACE, PROTO_MSP, Mode, ResetCode, in_dataplane
+from meshpipe.msp.wire import (
+    DATAPLANE_SPACE,
+    PROTO_MSP,
+    Mode,
+    ResetCode,
+    in_dataplane,
+    stream_number,
+)
 
 __all__ = [
     "DATAPLANE_SPACE",
@@ -49,4 +56,5 @@ __all__ = [
     "StreamRefused",
     "StreamWritable",
     "in_dataplane",
+    "stream_number",
 ]

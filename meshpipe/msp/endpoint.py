@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import math
+import pickle
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -259,6 +260,59 @@ class Msp:
 
     def max_plaintext(self, dst: bytes) -> int:
         return max_plaintext(self._path_mtu(dst))
+
+    # -- moving a stream to another endpoint (another process) --------------------------------
+
+    def export(self, stream: Stream, max_bytes: int) -> bytes | None:
+        """``stream`` as bytes for :meth:`adopt` in another endpoint of the same node,
+        or None if it cannot move: closed, in datagram mode (its fragments count
+        against this endpoint's budget) or bigger than ``max_bytes``. Once the bytes
+        have been handed over, :meth:`release` it here, and make its segments reach
+        the new endpoint from then on."""
+        key = (stream.peer, stream.number)
+        if stream.closed or stream.mode is Mode.DATAGRAM or self._streams.get(key) is not stream:
+            return None
+        if stream.buffered + stream.readable_bytes > max_bytes:
+            return None  # cheap test first: the buffers dominate the size
+        blob = pickle.dumps(stream, protocol=pickle.HIGHEST_PROTOCOL)
+        return blob if len(blob) <= max_bytes else None
+
+    def release(self, stream: Stream) -> None:
+        """Forget an exported stream, silently (no RST: it lives on elsewhere)."""
+        key = (stream.peer, stream.number)
+        if self._streams.get(key) is not stream:
+            return
+        del self._streams[key]
+        self._per_peer[stream.peer] -= 1
+        if self._per_peer[stream.peer] <= 0:
+            del self._per_peer[stream.peer]
+        self._dirty.pop(stream, None)
+        self._readable_flagged.discard(stream)
+        self._half_open_done(stream)
+        self.counters["msp.exported"] += 1
+
+    def adopt(self, blob: bytes, now: float) -> Stream:
+        """A stream another endpoint of this node exported (trusted bytes: only ever
+        from this node's own control worker). Raises StreamError if it cannot stay."""
+        st = pickle.loads(blob)  # from our own control worker only, see above
+        if not isinstance(st, Stream):
+            raise StreamError("not a stream")
+        key = (st.peer, st.number)
+        if key in self._streams or len(self._streams) >= self.params.max_streams:
+            raise StreamError(f"cannot adopt stream {st.id}")
+        st.host = self
+        self._add(st)
+        self.counters["msp.adopted"] += 1
+        if st.readable_bytes or st.eof:
+            self.stream_readable(st)
+        return st
+
+    def holds(self, peer: bytes, number: int | None) -> bool:
+        """Is (peer, number) one of this endpoint's streams, open or lingering?"""
+        if number is None:
+            return False
+        key = (peer, number)
+        return key in self._streams or key in self._linger
 
     # -- the session-protocol interface (NodeStack) -------------------------------------------
 

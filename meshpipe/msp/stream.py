@@ -212,6 +212,12 @@ class Stream:
 
     # -- application API ------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A stream moved to another endpoint (Msp.export) travels without its host."""
+        state = dict(self.__dict__)
+        del state["host"]
+        return state
+
     @property
     def mss(self) -> int:
         return self._mss

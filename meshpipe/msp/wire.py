@@ -341,6 +341,13 @@ def _exact(plaintext: bytes, st: struct.Struct) -> None:
         raise SegmentError(f"segment of {len(plaintext)} bytes, expected {st.size}")
 
 
+def stream_number(plaintext: bytes) -> int | None:
+    """The stream number of a session plaintext that is an MSP segment, else None."""
+    if len(plaintext) < COMMON.size or plaintext[0] != PROTO_MSP:
+        return None
+    return int.from_bytes(plaintext[2:6], "big")
+
+
 def in_dataplane(plaintext: bytes) -> bool:
     """Is this session plaintext an MSP segment of a data-plane stream (bit 30)?"""
     return len(plaintext) >= COMMON.size and plaintext[0] == PROTO_MSP and plaintext[2] & 0x40 != 0
