@@ -15,8 +15,7 @@ import hashlib
 import ipaddress
 import os
 import stat
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nacl.exceptions import BadSignatureError
@@ -28,44 +27,6 @@ from meshpipe.errors import KeyFileError, SidError
 SID_LEN = 32
 SIG_LEN = 64
 MIN_PREFIX = 8
-SIGNED_MEMO_MAX = 1 << 20  # signatures remembered by signed_memo() before it starts over
-
-
-class _SignedMemo:
-    """Signatures made in this process (see :func:`signed_memo`)."""
-
-    def __init__(self) -> None:
-        self.made: set[bytes] = set()
-        self.hits = 0  # verifications answered from the memo
-        self.verified = 0  # real Ed25519 verifications while the memo was on
-
-    @staticmethod
-    def tag(key: bytes, message: bytes, signature: bytes) -> bytes:
-        return hashlib.blake2b(key + signature + message, digest_size=16).digest()
-
-
-_memo: _SignedMemo | None = None
-
-
-@contextmanager
-def signed_memo() -> Iterator[_SignedMemo]:
-    """Simulation aid: while active, every signature an :class:`Identity` of this
-    process makes is remembered, and verifying exactly that (key, message, signature)
-    again is a set lookup instead of an Ed25519 verification.
-
-    A simulator runs every node in one process; a thousand nodes verifying each
-    other's hellos and routes would spend most of a test in libsodium checking
-    signatures that are genuine by construction. The verdict is the same either
-    way (a genuine signature verifies); anything not made here, a forgery or a
-    damaged signature, still goes through the real check and fails. The memo
-    counts both kinds, so the real verification cost stays measurable. Never on in
-    a node process (nothing there turns it on)."""
-    global _memo
-    prev, _memo = _memo, _SignedMemo()
-    try:
-        yield _memo
-    finally:
-        _memo = prev
 KEY_FILE_TAG = "meshpipe-ed25519-v1"
 _HEX = frozenset("0123456789abcdef")
 
@@ -104,12 +65,6 @@ class Sid(bytes):
         """True when ``signature`` is this node's Ed25519 signature of ``message``."""
         if len(signature) != SIG_LEN:
             return False
-        memo = _memo
-        if memo is not None:
-            if memo.tag(self, message, signature) in memo.made:
-                memo.hits += 1
-                return True
-            memo.verified += 1
         try:
             VerifyKey(bytes(self)).verify(message, signature)
         except (BadSignatureError, ValueError):
@@ -165,13 +120,7 @@ class Identity:
         return Sid(bytes(self.signing_key.verify_key))
 
     def sign(self, message: bytes) -> bytes:
-        sig = bytes(self.signing_key.sign(message).signature)
-        memo = _memo
-        if memo is not None:
-            if len(memo.made) >= SIGNED_MEMO_MAX:
-                memo.made.clear()
-            memo.made.add(memo.tag(bytes(self.signing_key.verify_key), message, sig))
-        return sig
+        return bytes(self.signing_key.sign(message).signature)
 
     def x25519_private(self) -> bytes:
         return bytes(self.signing_key.to_curve25519_private_key())

@@ -21,11 +21,6 @@ Counters (``NodeCore.counters``, stable names):
 * routing: ``update.rx`` (frames), ``update.tx`` (frames), ``update.entries_rx``,
   ``update.dump``, ``update.triggered``, ``update.stale`` (overtaken by a newer
   frame), ``sig.verified``, ``sig.cache_hit``,
-  ``update.compact_rx`` (compact updates, no signature), ``update.want_full`` (a
-  compact update for an (origin, seqno) whose signature we do not hold: asked for
-  signed), ``update.full_answered``, ``update.prefix_clash`` (two origins, one
-  8-byte prefix), ``refresh.summary_rx``, ``refresh.want`` (summary buckets that
-  differ from what we hold: asked for again), ``refresh.want_answered``,
   ``request.rx``, ``request.tx``, ``request.forwarded``, ``request.unroutable``,
   ``request.dropped``, ``request.unfeasible_better`` (we asked for a new seqno
   because an unfeasible route is clearly better than the selected one),
@@ -131,7 +126,7 @@ class Timing:
 
     hello_interval: float = 1.0
     neighbour_timeout: float = 4.0  # a neighbour not heard for this long is dropped
-    update_interval: float = 4.0  # periodic route refresh: changes and a table summary
+    update_interval: float = 4.0  # full route dump period
     route_expiry: float = 14.0  # a route entry not refreshed for this long is removed
     request_timeout: float = 1.0  # resend an unanswered seqno request after this long
     request_retries: int = 3
@@ -285,9 +280,6 @@ class NodeCore:
         self.fwd_generation = 0  # bumped whenever the forwarding table changes
         self._frame_seq = self.rng.randrange(SEQNO_MOD)  # routing frame counter
         self._deadline = now
-        # The neighbour table's next deadline, recomputed only when it can have moved
-        # (a hello, a timer): routing frames, most of what a big mesh delivers, leave it.
-        self._links_deadline = self.links.next_deadline()
         self._recompute_deadline()
 
     # -- public entry points -------------------------------------------------------------
@@ -301,10 +293,7 @@ class NodeCore:
             frame = bytes(frame)
             kind = wire.frame_kind(frame)
             if kind == wire.KIND_HELLO:
-                try:
-                    self._on_hello(iface, src, frame, now, out)
-                finally:
-                    self._links_deadline = self.links.next_deadline()
+                self._on_hello(iface, src, frame, now, out)
             elif kind == wire.KIND_ROUTING:
                 self._on_routing(iface, src, frame, now)
             else:
@@ -354,7 +343,6 @@ class NodeCore:
                     out.extend(self._link_wide(i, f))
                     self.counters["hello.tx"] += 1
         self.router.tick(now)
-        self._links_deadline = self.links.next_deadline()
         return self._finish(now, out)
 
     def next_deadline(self) -> float:
@@ -500,7 +488,7 @@ class NodeCore:
                         continue
                     frames = by_mtu.get((id(item), p.mtu))
                     if frames is None:
-                        frames = self._pack(item, p.mtu)
+                        frames = pack_routing(item.updates, item.requests, p.mtu, self._next_seq)
                         by_mtu[(id(item), p.mtu)] = frames
                     for f in frames:
                         out.extend(self._link_wide(i, f))
@@ -510,21 +498,9 @@ class NodeCore:
                 if (iface, addr) not in self.links.by_key:
                     continue  # the neighbour went away in the meantime
                 mtu = self.interfaces[iface].mtu
-                for f in self._pack(item, mtu):
+                for f in pack_routing(item.updates, item.requests, mtu, self._next_seq):
                     out.append(SendFrame(iface, addr, f))
                     self.counters["update.tx"] += 1
-
-    def _pack(self, item: Outgoing, mtu: int) -> list[bytes]:
-        return pack_routing(
-            item.updates,
-            item.requests,
-            mtu,
-            self._next_seq,
-            compact=item.compact,
-            summary=item.summary,
-            want_full=item.want_full,
-            want=item.want,
-        )
 
     def _next_seq(self) -> int:
         self._frame_seq = (self._frame_seq + 1) % SEQNO_MOD
@@ -565,7 +541,7 @@ class NodeCore:
     def _recompute_deadline(self) -> None:
         self._deadline = min(
             min(self._next_hello, default=math.inf),
-            self._links_deadline,
+            self.links.next_deadline(),
             self.router.next_deadline(),
         )
 

@@ -13,31 +13,10 @@ seqno can still be replayed, but the feasibility condition makes old seqnos lose
 
 ROUTING frame::
 
-    kind byte + msgpack [frame_seq: u32, [update, ...], [request, ...], compact: bin,
-                         summary: bin | nil, want_full: bin, want: [lg, bits] | nil]
+    kind byte + msgpack [frame_seq: u32, [update, ...], [request, ...]]
     update  = [origin: bin 32, seqno: u32, metric: u16, hops: u8, signature: bin 64,
                mtu: u16]
     request = [origin: bin 32, seqno: u32, hop_count: u8]      (seqno request)
-    compact = records of 17 bytes: origin prefix (8), seqno u32, metric u16, hops u8,
-              mtu u16 (big endian): an update without its signature
-    summary = 1, 2, 4, ... or 32 digests of 8 bytes over what the sender advertises
-    want_full = records of 12 bytes: origin prefix (8), seqno u32
-    want    = lg, a bitmap of 2**lg buckets: "send me these buckets again"
-
-Updates and refreshes (RFC 8966's update/request split, made scale-free): an
-(origin, seqno) goes out with its signature the first time it is advertised on an
-interface (and to a new neighbour, and on request); after that its changes travel
-*compact*, without origin key or signature. A receiver accepts a compact update only
-for an (origin, seqno) whose signature it already holds verified; otherwise it asks
-the sender for the full signed update (``want_full``), so a compact update can never
-bring in an unverified (origin, seqno). The periodic dump is no longer the table:
-it carries what changed since the last dump plus a *summary*, digests of the
-sender's advertised table in buckets of origins (bucket = first byte of the origin
->> 3, 32 fine buckets folded to as few as the table needs). A receiver whose
-digests of what it holds from that neighbour match counts every entry in the bucket
-as refreshed; a bucket that differs (a lost frame, an entry it refused) it asks for
-again (``want``) and gets as compact updates. Steady-state control traffic is the
-summary: a few hundred bytes per interval whatever the mesh size.
 
 A metric of INFINITY (0xFFFF) is a retraction. ``frame_seq`` counts the sender's
 routing frames: an update carried by an older frame than the one that last updated
@@ -59,10 +38,8 @@ the origin raises its seqno and announces.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
-import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,15 +73,6 @@ DEFAULT_MAX_ROUTES = 4096  # origins in the table
 DEFAULT_MAX_ROUTES_PER_NEIGHBOUR = 2048  # route entries learnt from one neighbour
 REFUSED_LOG_INTERVAL = 10.0  # route.refused is logged at most this often
 MAX_FORWARDED_REQUESTS = 1024  # (origin, seqno) tags of requests forwarded recently
-PREFIX_LEN = 8  # origin prefix in compact records
-COMPACT = struct.Struct("!8sIHBH")  # prefix, seqno, metric, hops, mtu
-WANT_FULL = struct.Struct("!8sI")  # prefix, seqno
-N_BUCKETS = 32  # fine buckets of the summary: origin[0] >> BUCKET_SHIFT
-BUCKET_SHIFT = 3
-MAX_LG_BUCKETS = 5
-DIGEST_LEN = 8
-ENTRIES_PER_BUCKET = 32  # the summary folds fine buckets down to about this many origins each
-SUMMARY_OVERHEAD = 48  # room kept in a frame beside a summary
 
 
 def seqno_newer(a: int, b: int) -> bool:
@@ -149,84 +117,20 @@ class RoutingFrame:
     seq: int
     updates: list[Update]
     requests: list[SeqnoRequest]
-    compact: tuple[bytes, ...] = ()  # COMPACT records
-    summary: bytes | None = None  # digests, DIGEST_LEN bytes each
-    want_full: tuple[tuple[bytes, int], ...] = ()  # (origin prefix, seqno)
-    want: tuple[int, int] | None = None  # (lg of the bucket count, bitmap)
 
 
-def compact_record(u: Update) -> bytes:
-    """The compact form of ``u``: also what the summary digests hash."""
-    return COMPACT.pack(bytes(u.origin[:PREFIX_LEN]), u.seqno, u.metric, u.hops, u.mtu)
-
-
-def record_hash(rec: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(rec, digest_size=DIGEST_LEN).digest(), "big")
-
-
-def bucket_of(origin: bytes) -> int:
-    return origin[0] >> BUCKET_SHIFT
-
-
-def fold(digests: Sequence[int], lg: int) -> list[int]:
-    """The N_BUCKETS fine digests folded into 2**lg coarse ones (XOR of their range)."""
-    width = N_BUCKETS >> lg
-    out = []
-    for j in range(1 << lg):
-        d = 0
-        for x in digests[j * width : (j + 1) * width]:
-            d ^= x
-        out.append(d)
-    return out
-
-
-def summary_lg(n_origins: int, mtu: int) -> int:
-    """How many coarse buckets (as lg) a summary of ``n_origins`` uses on ``mtu``."""
-    lg = 0
-    while (
-        lg < MAX_LG_BUCKETS
-        and (ENTRIES_PER_BUCKET << lg) < n_origins
-        and (DIGEST_LEN << (lg + 1)) <= mtu - SUMMARY_OVERHEAD
-    ):
-        lg += 1
-    return lg
-
-
-def encode_routing(
-    updates: Sequence[Update],
-    requests: Sequence[SeqnoRequest],
-    seq: int = 0,
-    *,
-    compact: Sequence[bytes] = (),
-    summary: bytes | None = None,
-    want_full: Sequence[tuple[bytes, int]] = (),
-    want: tuple[int, int] | None = None,
-) -> bytes:
+def encode_routing(updates: list[Update], requests: list[SeqnoRequest], seq: int = 0) -> bytes:
     return wire.encode_control(
         wire.KIND_ROUTING,
-        [
-            seq % SEQNO_MOD,
-            [u.as_list() for u in updates],
-            [r.as_list() for r in requests],
-            b"".join(compact),
-            summary,
-            b"".join(WANT_FULL.pack(p, s) for p, s in want_full),
-            None if want is None else list(want),
-        ],
+        [seq % SEQNO_MOD, [u.as_list() for u in updates], [r.as_list() for r in requests]],
     )
-
-
-def _records(raw: object, size: int, what: str) -> list[bytes]:
-    if not isinstance(raw, bytes) or len(raw) % size or len(raw) > size * MAX_ITEMS:
-        raise FrameError(f"{what}: want records of {size} bytes")
-    return [raw[i : i + size] for i in range(0, len(raw), size)]
 
 
 def decode_routing(frame: bytes) -> RoutingFrame:
     """Parse and strictly validate a whole routing frame before anything is applied."""
     if wire.frame_kind(frame) != wire.KIND_ROUTING:
         raise FrameError("not a routing frame")
-    outer = wire.expect_record(wire.decode_control(frame), 7, "routing")
+    outer = wire.expect_record(wire.decode_control(frame), 3, "routing")
     seq = wire.expect_int(outer[0], 0, SEQNO_MOD - 1, "routing frame seq")
     updates: list[Update] = []
     for raw in wire.expect_list(outer[1], MAX_ITEMS, "updates"):
@@ -251,25 +155,7 @@ def decode_routing(frame: bytes) -> RoutingFrame:
                 hop_count=wire.expect_int(item[2], 0, 255, "request hop count"),
             )
         )
-    compact = _records(outer[3], COMPACT.size, "compact updates")
-    for rec in compact:
-        if COMPACT.unpack(rec)[4] < MIN_PATH_MTU:
-            raise FrameError("compact update mtu: too small")
-    summary = outer[4]
-    if summary is not None and (
-        not isinstance(summary, bytes)
-        or len(summary) not in {DIGEST_LEN << lg for lg in range(MAX_LG_BUCKETS + 1)}
-    ):
-        raise FrameError("summary: want 1, 2, 4, ... or 32 digests")
-    want_full = tuple(
-        WANT_FULL.unpack(r) for r in _records(outer[5], WANT_FULL.size, "full requests")
-    )
-    want: tuple[int, int] | None = None
-    if outer[6] is not None:
-        lg_bits = wire.expect_record(outer[6], 2, "bucket request")
-        lg = wire.expect_int(lg_bits[0], 0, MAX_LG_BUCKETS, "bucket request size")
-        want = (lg, wire.expect_int(lg_bits[1], 0, (1 << (1 << lg)) - 1, "bucket request"))
-    return RoutingFrame(seq, updates, requests, tuple(compact), summary, want_full, want)
+    return RoutingFrame(seq, updates, requests)
 
 
 def pack_routing(
@@ -277,69 +163,26 @@ def pack_routing(
     requests: list[SeqnoRequest],
     mtu: int,
     next_seq: Callable[[], int] = lambda: 0,
-    *,
-    compact: Sequence[bytes] = (),
-    summary: bytes | None = None,
-    want_full: Sequence[tuple[bytes, int]] = (),
-    want: tuple[int, int] | None = None,
 ) -> list[bytes]:
-    """Routing frames of at most ``mtu`` bytes carrying all items (dumps are split).
-
-    Full updates and requests come first, then compact updates and full requests; the
-    summary and bucket request ride in the last frame, so a receiver compares the
-    summary after it has applied what came with it."""
+    """Routing frames of at most ``mtu`` bytes carrying all items (dumps are split)."""
     budget = mtu - FRAME_OVERHEAD
-    tail = (0 if summary is None else len(summary) + 3) + (0 if want is None else 12)
     frames: list[bytes] = []
     cur_u: list[Update] = []
     cur_r: list[SeqnoRequest] = []
-    cur_c: list[bytes] = []
-    cur_w: list[tuple[bytes, int]] = []
     used = 0
-
-    def emit(last: bool = False) -> None:
-        frames.append(
-            encode_routing(
-                cur_u,
-                cur_r,
-                next_seq(),
-                compact=cur_c,
-                want_full=cur_w,
-                summary=summary if last else None,
-                want=want if last else None,
-            )
-        )
-
-    items: list[Update | SeqnoRequest | bytes | tuple[bytes, int]] = [
-        *updates,
-        *requests,
-        *compact,
-        *want_full,
-    ]
+    items: list[Update | SeqnoRequest] = [*updates, *requests]
     for it in items:
-        if isinstance(it, bytes):
-            size = len(it)
-        elif isinstance(it, tuple):
-            size = WANT_FULL.size
-        else:
-            size = len(wire.pack_body(it.as_list()))
-        if (cur_u or cur_r or cur_c or cur_w) and used + size > budget:
-            emit()
-            cur_u, cur_r, cur_c, cur_w, used = [], [], [], [], 0
+        size = len(wire.pack_body(it.as_list()))
+        if (cur_u or cur_r) and used + size > budget:
+            frames.append(encode_routing(cur_u, cur_r, next_seq()))
+            cur_u, cur_r, used = [], [], 0
         if isinstance(it, Update):
             cur_u.append(it)
-        elif isinstance(it, SeqnoRequest):
-            cur_r.append(it)
-        elif isinstance(it, bytes):
-            cur_c.append(it)
         else:
-            cur_w.append(it)
+            cur_r.append(it)
         used += size
-    if tail and used + tail > budget and (cur_u or cur_r or cur_c or cur_w):
-        emit()
-        cur_u, cur_r, cur_c, cur_w, used = [], [], [], [], 0
-    if cur_u or cur_r or cur_c or cur_w or tail:
-        emit(last=True)
+    if cur_u or cur_r:
+        frames.append(encode_routing(cur_u, cur_r, next_seq()))
     return frames
 
 
@@ -389,7 +232,6 @@ class RouteEntry:
     smoothed: float = 0.0
     held: int = INFINITY
     smooth_at: float | None = None
-    h: int = 0  # this entry's part of the neighbour's summary digest (0: a retraction)
 
     def smooth(self, metric: int, now: float) -> float:
         """The smoothed metric at ``now`` (the metric was ``held`` until now, ``metric``
@@ -436,34 +278,14 @@ class Outgoing:
     """Routing items to send: link-wide (``to`` None) or unicast.
 
     A link-wide item goes to every interface, or only to ``ifaces`` when set
-    (what is full and what compact is decided per interface, and periodic
-    refreshes run on per-interface schedules when an interface overrides the
-    update interval).
+    (periodic dumps run on per-interface schedules when an interface overrides
+    the update interval).
     """
 
     to: NeighbourKey | None
     updates: list[Update] = field(default_factory=list)
     requests: list[SeqnoRequest] = field(default_factory=list)
     ifaces: frozenset[int] | None = None
-    compact: list[bytes] = field(default_factory=list)
-    summary: bytes | None = None
-    want_full: list[tuple[bytes, int]] = field(default_factory=list)
-    want: tuple[int, int] | None = None
-
-
-@dataclass(slots=True)
-class NbSync:
-    """What we hold from one neighbour, digested as its summaries are (receiver side)."""
-
-    dig: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
-    conf: list[float] = field(default_factory=lambda: [-math.inf] * N_BUCKETS)  # confirmed
-    count: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)  # finite entries
-    n_inf: int = 0  # retractions held (they expire by themselves, summaries skip them)
-    own_h: int = 0  # its route to us, which we keep no entry for
-    next_check: float = -math.inf  # no entry of it can expire before this
-    want_ok_at: float = -math.inf  # next bucket request allowed
-    answered: dict[bytes, float] = field(default_factory=dict)  # origin -> full sent at
-    buckets_answered: list[float] = field(default_factory=lambda: [-math.inf] * N_BUCKETS)
 
 
 class Router:
@@ -544,23 +366,13 @@ class Router:
         self.iface_next_dump = {
             i: now + self.rng.random() * jitter * v for i, v in self.iface_update_intervals.items()
         }
+        self.default_ifaces: frozenset[int] | None = None
+        if self.iface_update_intervals:
+            n = len(iface_update_intervals)
+            self.default_ifaces = frozenset(
+                i for i in range(n) if i not in self.iface_update_intervals
+            )
         self.next_sweep = now + self.sweep_interval
-        # Sender side, per interface: what we last advertised there (update, compact
-        # record, digest part), the summary digests over it, origins whose advertised
-        # value may have changed since the last refresh, and the seqno whose signed
-        # update went out there last.
-        self.n_ifaces = max(1, len(self.iface_mtus))
-        ifs = range(self.n_ifaces)
-        self.adv: list[dict[bytes, tuple[Update, bytes, int]]] = [{} for _ in ifs]
-        self.adv_dig: list[list[int]] = [[0] * N_BUCKETS for _ in ifs]
-        self.adv_dirty: list[dict[bytes, None]] = [{self.sid: None} for _ in ifs]
-        self.sent_full: list[dict[bytes, int]] = [{} for _ in ifs]
-        self.pending_full: dict[bytes, None] = {}  # triggered updates that go out signed
-        # Receiver side: per neighbour digests; origin prefix -> origin for compact ones.
-        self.nbs: dict[NeighbourKey, NbSync] = {}
-        self.prefixes: dict[bytes, bytes] = {bytes(self.sid[:PREFIX_LEN]): bytes(self.sid)}
-        self.asked: dict[tuple[NeighbourKey, bytes, int], float] = {}  # want_full sent at
-        self.next_gc = now
         self.events: list[Action] = []
         self.dirty: dict[bytes, None] = {}  # destinations whose forwarding may have changed
 
@@ -657,21 +469,12 @@ class Router:
             if old is None:
                 return
             del self.selected[origin]
-            self._mark(origin)
             self.retracting[origin] = (old.seqno, old.sig, now + self.route_expiry)
             self._trigger(origin, now)
             self.dirty[origin] = None
             self.events.append(Event("route.changed", {"sid": _short(origin), "retracted": True}))
             return
         self.selected[origin] = new
-        if (
-            old is None
-            or old.seqno != new.seqno
-            or old.metric != new.metric
-            or old.hops != new.hops
-            or old.mtu != new.mtu
-        ):
-            self._mark(origin)
         self.retracting.pop(origin, None)
         req = self.requests_out.get(origin)
         if req is not None and not seqno_newer(req.seqno, new.seqno):
@@ -699,11 +502,6 @@ class Router:
         elif seqno_newer(new.seqno, old.seqno):
             self._trigger(origin, now)  # carry a fresh seqno on quickly: someone asked for it
 
-    def _mark(self, origin: bytes) -> None:
-        """What we advertise for ``origin`` may have changed: the next refresh looks."""
-        for d in self.adv_dirty:
-            d[origin] = None
-
     def _want_request(self, origin: bytes, now: float) -> bool:
         """Start a seqno request for ``origin`` unless one is under way (True if started)."""
         fd = self.fd.get(origin)
@@ -728,16 +526,13 @@ class Router:
         for origin in list(self.by_nb.get(key, ())):
             self._drop_entry(origin, key)
             self.reselect(origin, now)
-        self.nbs.pop(key, None)
 
     def _drop_entry(self, origin: bytes, key: NeighbourKey) -> None:
         """Forget what ``key`` told us about ``origin``; the origin's charge passes to
         another neighbour that announces it, if any."""
         es = self.entries.get(origin)
         if es is not None:
-            e = es.pop(key, None)
-            if e is not None:
-                self._account(key, origin, e, -1)
+            es.pop(key, None)
             if not es:
                 del self.entries[origin]
         nbset = self.by_nb.get(key)
@@ -754,18 +549,6 @@ class Router:
             else:
                 del self.charged_to[origin]
 
-    def _account(self, key: NeighbourKey, origin: bytes, e: RouteEntry, sign: int) -> None:
-        """Add (``sign`` 1) or remove (-1) entry ``e`` in the neighbour's digests."""
-        ns = self.nbs.get(key)
-        if ns is None:
-            ns = self.nbs[key] = NbSync()
-        b = origin[0] >> BUCKET_SHIFT
-        if e.adv_metric >= INFINITY:
-            ns.n_inf += sign
-        else:
-            ns.count[b] += sign
-            ns.dig[b] ^= e.h
-
     def _uncharge(self, key: NeighbourKey) -> None:
         left = self.charged[key] - 1
         if left:
@@ -781,144 +564,11 @@ class Router:
             return
         for u in frame.updates:
             self._on_update(key, link, u, frame.seq, now)
-        if frame.compact:
-            missing: list[tuple[bytes, int]] = []
-            for rec in frame.compact:
-                self._on_compact(key, link, rec, frame.seq, now, missing)
-            if missing:
-                self.unicast.append(Outgoing(key, want_full=missing))
         for r in frame.requests:
             self._on_request(key, link, r, now)
-        if frame.want_full:
-            self._on_want_full(key, frame.want_full, now)
-        if frame.want is not None:
-            self._on_want(key, frame.want, now)
-        if frame.summary is not None:
-            self._on_summary(key, frame.summary, now)
-
-    def _held_sig(self, origin: bytes, seqno: int) -> bytes | None:
-        """A verified signature of (origin, seqno) we hold, if any."""
-        if origin == self.sid:
-            own = self.own_update()
-            return own.sig if own.seqno == seqno else None
-        for e in self.entries.get(origin, {}).values():
-            if e.seqno == seqno:
-                return e.sig
-        r = self.retracting.get(origin)
-        return r[1] if r is not None and r[0] == seqno else None
-
-    def _on_compact(
-        self,
-        key: NeighbourKey,
-        link: Neighbour,
-        rec: bytes,
-        fseq: int,
-        now: float,
-        missing: list[tuple[bytes, int]],
-    ) -> None:
-        """A compact update: applied only with a signature we verified before; for
-        anything else the sender is asked for the full signed update."""
-        self.counters["update.compact_rx"] += 1
-        prefix, seqno, metric, hops, mtu = COMPACT.unpack(rec)
-        origin = self.prefixes.get(prefix) or None
-        sig = None if origin is None else self._held_sig(origin, seqno)
-        if origin is None or sig is None:
-            tag = (key, prefix, seqno)
-            if now >= self.asked.get(tag, -math.inf) + self.request_timeout and (
-                tag in self.asked or len(self.asked) < MAX_FORWARDED_REQUESTS
-            ):
-                self.asked[tag] = now
-                missing.append((prefix, seqno))
-                self.counters["update.want_full"] += 1
-            return
-        u = Update(origin, seqno, metric, hops, sig, mtu)
-        self._on_update(key, link, u, fseq, now, rec, verified=True)
-
-    def _on_want_full(
-        self, key: NeighbourKey, items: Sequence[tuple[bytes, int]], now: float
-    ) -> None:
-        """A neighbour lacks the signature of what we sent compact: send it signed
-        (at most once per origin and request_timeout to one neighbour)."""
-        i = key[0] if key[0] < self.n_ifaces else 0
-        ns = self.nbs.get(key)
-        if ns is None:
-            ns = self.nbs[key] = NbSync()
-        out: list[Update] = []
-        for prefix, _seqno in items:
-            origin = self.prefixes.get(prefix) or None
-            if origin is None:
-                continue
-            if now < ns.answered.get(origin, -math.inf) + self.request_timeout:
-                continue
-            adv = self.adv[i].get(origin)
-            u = self.own_update() if origin == self.sid else None if adv is None else adv[0]
-            if u is None:
-                continue
-            if origin not in ns.answered and len(ns.answered) >= self.max_routes:
-                ns.answered.clear()  # bounded: forget who we answered rather than grow
-            ns.answered[origin] = now
-            out.append(u)
-        if out:
-            self.counters["update.full_answered"] += len(out)
-            self.unicast.append(Outgoing(key, out))
-
-    def _on_want(self, key: NeighbourKey, want: tuple[int, int], now: float) -> None:
-        """A neighbour's digests of some buckets differ from our summary: send those
-        buckets again, compact (each fine bucket at most twice per update interval)."""
-        lg, bits = want
-        i = key[0] if key[0] < self.n_ifaces else 0
-        ns = self.nbs.get(key)
-        if ns is None:
-            ns = self.nbs[key] = NbSync()
-        fine: set[int] = set()
-        width = N_BUCKETS >> lg
-        for j in range(1 << lg):
-            if bits >> j & 1:
-                fine.update(range(j * width, (j + 1) * width))
-        interval = self.iface_update_intervals.get(i, self.update_interval)
-        fine = {b for b in fine if now >= ns.buckets_answered[b] + interval / 2}
-        if not fine:
-            return
-        for b in fine:
-            ns.buckets_answered[b] = now
-        recs = [rec for o, (_, rec, _) in self.adv[i].items() if (o[0] >> BUCKET_SHIFT) in fine]
-        self.counters["refresh.want_answered"] += 1
-        if recs:
-            self.unicast.append(Outgoing(key, compact=recs))
-
-    def _on_summary(self, key: NeighbourKey, summary: bytes, now: float) -> None:
-        """Compare a neighbour's summary with what we hold from it: matching buckets
-        are refreshed as a whole, differing ones asked for again."""
-        ns = self.nbs.get(key)
-        if ns is None:
-            ns = self.nbs[key] = NbSync()
-        n = len(summary) // DIGEST_LEN
-        lg = n.bit_length() - 1
-        mine = fold(ns.dig, lg)
-        width = N_BUCKETS >> lg
-        want = 0
-        for j in range(n):
-            if int.from_bytes(summary[j * DIGEST_LEN : (j + 1) * DIGEST_LEN], "big") == mine[j]:
-                conf = ns.conf
-                for b in range(j * width, (j + 1) * width):
-                    conf[b] = now
-            else:
-                want |= 1 << j
-        self.counters["refresh.summary_rx"] += 1
-        if want and now >= ns.want_ok_at:
-            ns.want_ok_at = now + self.request_timeout
-            self.counters["refresh.want"] += 1
-            self.unicast.append(Outgoing(key, want=(lg, want)))
 
     def _on_update(
-        self,
-        key: NeighbourKey,
-        link: Neighbour,
-        u: Update,
-        fseq: int,
-        now: float,
-        rec: bytes | None = None,
-        verified: bool = False,  # the signature comes from an entry we verified
+        self, key: NeighbourKey, link: Neighbour, u: Update, fseq: int, now: float
     ) -> None:
         self.counters["update.entries_rx"] += 1
         if u.hops > MAX_HOPS:
@@ -929,12 +579,9 @@ class Router:
         e = None if es is None else es.get(key)
         if e is None and origin != self.sid and not self._admit(key, link, es is None, now):
             return  # refused before the (expensive) signature check, never re-flooded
-        if verified:
-            ok = True
-        else:
-            before = self.sigs.verified
-            ok = self.sigs.check(u.origin, u.seqno, u.sig)
-            self.counters["sig.verified" if self.sigs.verified != before else "sig.cache_hit"] += 1
+        before = self.sigs.verified
+        ok = self.sigs.check(u.origin, u.seqno, u.sig)
+        self.counters["sig.verified" if self.sigs.verified != before else "sig.cache_hit"] += 1
         if not ok:
             self.counters["drop.forged_route"] += 1
             self.events.append(
@@ -944,15 +591,7 @@ class Router:
                 )
             )
             return
-        if rec is None:
-            rec = compact_record(u)
-        h = record_hash(rec) if u.metric < INFINITY else 0
         if origin == self.sid:
-            ns = self.nbs.get(key)
-            if ns is None:
-                ns = self.nbs[key] = NbSync()
-            ns.dig[origin[0] >> BUCKET_SHIFT] ^= ns.own_h ^ h
-            ns.own_h = h
             if seqno_newer(u.seqno, self.seqno):
                 # We restarted and forgot our seqno: jump past what the mesh remembers
                 # (only a seqno we signed ourselves can get here).
@@ -980,20 +619,10 @@ class Router:
                 es = self.entries[origin] = {}
                 self.charged_to[origin] = key
                 self.charged[key] = self.charged.get(key, 0) + 1
-                prefix = origin[:PREFIX_LEN]
-                have = self.prefixes.setdefault(prefix, origin)
-                if have and have != origin:
-                    # Two origins, one prefix: neither is resolved from compact updates.
-                    self.prefixes[prefix] = b""
-                    self.counters["update.prefix_clash"] += 1
-            e = es[key] = RouteEntry(u.seqno, metric, hops + 1, u.sig, now, fseq, mtu, h=h)
+            es[key] = RouteEntry(u.seqno, metric, hops + 1, u.sig, now, fseq, mtu)
             self.by_nb.setdefault(key, {})[origin] = None
-            self._account(key, origin, e, 1)
-            ns = self.nbs[key]
-            ns.next_check = min(ns.next_check, now + self._expiry(key))
         else:
-            self._account(key, origin, e, -1)
-            e.seqno, e.adv_metric, e.hops, e.sig, e.updated, e.frame_seq, e.mtu, e.h = (
+            e.seqno, e.adv_metric, e.hops, e.sig, e.updated, e.frame_seq, e.mtu = (
                 u.seqno,
                 metric,
                 hops + 1,
@@ -1001,46 +630,8 @@ class Router:
                 now,
                 fseq,
                 mtu,
-                h,
             )
-            self._account(key, origin, e, 1)
-        self._reconsider(origin, key, e, now)
-
-    def _reconsider(self, origin: bytes, key: NeighbourKey, e: RouteEntry, now: float) -> None:
-        """Re-select after ``key``'s entry ``e`` changed. When another neighbour's route
-        is selected, only ``e`` can have changed the outcome: it either beats the
-        selected route (then the full selection runs) or changes nothing, which is
-        decided without looking at the other entries (a 1,000-node mesh delivers
-        millions of such updates)."""
-        cur = self.selected.get(origin)
-        if cur is None or cur.nb == key:
-            self.reselect(origin, now)
-            return
-        link = self.links.get(key)
-        m = self.route_metric(e, link)
-        if m >= INFINITY:
-            return
-        sm = e.smooth(m, now)
-        ce = self.entries[origin].get(cur.nb)
-        cl = self.links.get(cur.nb)
-        if ce is None or cl is None:
-            self.reselect(origin, now)
-            return
-        km = self.route_metric(ce, cl)
-        ksm = ce.smooth(km, now)
-        if self._feasible(origin, e):
-            if m + SWITCH_HYSTERESIS < km and sm < ksm:
-                self.reselect(origin, now)
-            return
-        if (
-            m + max(SWITCH_HYSTERESIS, km // REQUEST_MARGIN_DIV) < km
-            and sm < ksm
-            and self._want_request(origin, now)
-        ):
-            self.counters["request.unfeasible_better"] += 1
-
-    def _expiry(self, key: NeighbourKey) -> float:
-        return self.iface_route_expiry.get(key[0], self.route_expiry)
+        self.reselect(origin, now)
 
     def _admit(self, key: NeighbourKey, link: Neighbour, new_origin: bool, now: float) -> bool:
         """May ``key`` add a route entry (for a ``new_origin``, or one it had none for)?
@@ -1095,15 +686,13 @@ class Router:
                 self._bump_ok_at = now + self.request_timeout
                 self.counters["seqno.bumped"] += 1
             self._trigger(origin, now)
-            self.pending_full[origin] = None
             return
         sel = self.selected.get(origin)
         if sel is None:
             self.counters["request.unroutable"] += 1
             return
         if not seqno_newer(r.seqno, sel.seqno):
-            self._trigger(origin, now)  # our route is fresh enough: announce it, signed
-            self.pending_full[origin] = None
+            self._trigger(origin, now)  # our route is fresh enough: announce it
             return
         if r.hop_count <= 1 or sel.nb == key or sel.next_hop == link.sid:
             self.counters["request.dropped"] += 1
@@ -1126,68 +715,37 @@ class Router:
         if now < self.next_sweep:
             return
         self.next_sweep = now + self.sweep_interval
-        for key in list(self.nbs):
-            self._expire(key, now)
+        for origin in list(self.entries):
+            es = self.entries[origin]
+            stale = [
+                k
+                for k, e in es.items()
+                if now >= e.updated + self.iface_route_expiry.get(k[0], self.route_expiry)
+            ]
+            if not stale:
+                continue
+            for k in stale:
+                self._drop_entry(origin, k)
+            self.reselect(origin, now)
         for origin in [o for o, (_, _, until) in self.retracting.items() if now >= until]:
             del self.retracting[origin]
-            self._mark(origin)
-            fd = self.fd.get(origin)
-            if fd is not None:
-                fd.touched = now
+        unused = [
+            (src.touched, o)
+            for o, src in self.fd.items()
+            if o not in self.entries and o not in self.selected and o not in self.retracting
+        ]
         # Feasibility distances of origins nobody announces any more go after
         # source_gc, or sooner, oldest first, when a churn of origins (fresh keys
         # announced and dropped again) would grow them past twice the route cap.
         excess = len(self.fd) - 2 * self.max_routes
-        if excess > 0 or now >= self.next_gc:
-            self.next_gc = now + min(self.source_gc / 16, 10.0)
-            unused = [
-                (src.touched, o)
-                for o, src in self.fd.items()
-                if o not in self.entries and o not in self.selected and o not in self.retracting
-            ]
-            if excess > 0:
-                unused.sort()
-                self.counters["source.gc_early"] += min(excess, len(unused))
-            for i, (touched, origin) in enumerate(unused):
-                if i < excess or now >= touched + self.source_gc:
-                    del self.fd[origin]
-            if len(self.prefixes) > len(self.entries) + len(self.retracting) + 1:
-                for p, o in list(self.prefixes.items()):
-                    if o != self.sid and o not in self.entries and o not in self.retracting:
-                        del self.prefixes[p]
+        if excess > 0:
+            unused.sort()
+            self.counters["source.gc_early"] += min(excess, len(unused))
+        for i, (touched, origin) in enumerate(unused):
+            if i < excess or now >= touched + self.source_gc:
+                del self.fd[origin]
         for tag in [t for t, at in self.forwarded.items() if now >= at + self.request_timeout]:
             del self.forwarded[tag]
-        if self.asked:
-            for atag in [t for t, at in self.asked.items() if now >= at + self.request_timeout]:
-                del self.asked[atag]
-
-    def _expire(self, key: NeighbourKey, now: float) -> None:
-        """Drop what ``key`` told us and has not refreshed (by an update, or by a summary
-        matching its bucket) for the route expiry; cheap while summaries keep matching."""
-        ns = self.nbs[key]
-        if now < ns.next_check:
-            return
-        exp = self._expiry(key)
-        if not ns.n_inf:
-            oldest = min((ns.conf[b] for b in range(N_BUCKETS) if ns.count[b]), default=math.inf)
-            if oldest + exp > now:
-                ns.next_check = oldest + exp
-                return
-        stale: list[bytes] = []
-        nxt = math.inf
-        for origin in self.by_nb.get(key, ()):
-            e = self.entries[origin][key]
-            t = e.updated
-            if e.adv_metric < INFINITY:
-                t = max(t, ns.conf[origin[0] >> BUCKET_SHIFT])
-            if now >= t + exp:
-                stale.append(origin)
-            elif t + exp < nxt:
-                nxt = t + exp
-        ns.next_check = nxt
-        for origin in stale:
-            self._drop_entry(origin, key)
-            self.reselect(origin, now)
 
     def _advertise(self, origin: bytes, now: float) -> Update | None:
         """The update we would send for ``origin`` now, updating its FD (RFC 8966 3.7.3)."""
@@ -1235,104 +793,37 @@ class Router:
             out.append(Update(origin, sel.seqno, INFINITY, 0, sel.sig))
         return out
 
-    def _put(self, item: Outgoing, i: int, u: Update, force_full: bool, only_changed: bool) -> None:
-        """Advertise ``u`` on interface ``i`` into ``item``: signed if its (origin, seqno)
-        has not gone out signed there yet (or ``force_full``), compact otherwise."""
-        origin = bytes(u.origin)
-        rec = compact_record(u)
-        adv = self.adv[i]
-        old = adv.get(origin)
-        changed = old is None or old[1] != rec
-        if changed and only_changed and old is not None:
-            was = old[0]
-            if (
-                was.seqno == u.seqno
-                and was.hops == u.hops
-                and was.mtu == u.mtu
-                and max(was.metric, u.metric) < INFINITY
-                and abs(u.metric - was.metric) < max(SWITCH_HYSTERESIS * 2, was.metric // 16)
-            ):
-                # A metric that wobbles (RTT penalties on a slow radio) is not worth a
-                # refresh: the advertised value stands until it drifts this far. Loop
-                # freedom only needs FD <= what we advertised, and FD follows the real
-                # metric down, so it holds.
-                return
-        if changed:
-            dig = self.adv_dig[i]
-            b = origin[0] >> BUCKET_SHIFT
-            h = record_hash(rec) if u.metric < INFINITY else 0
-            dig[b] ^= (0 if old is None else old[2]) ^ h
-            adv[origin] = (u, rec, h)
-        elif only_changed:
-            return
-        sent = self.sent_full[i]
-        if force_full or sent.get(origin) != u.seqno:
-            sent[origin] = u.seqno
-            item.updates.append(u)
-        else:
-            item.compact.append(rec)
-
-    def _unadvertise(self, i: int, origin: bytes) -> None:
-        old = self.adv[i].pop(origin, None)
-        if old is not None:
-            self.adv_dig[i][origin[0] >> BUCKET_SHIFT] ^= old[2]
-        self.sent_full[i].pop(origin, None)
-
-    def _refresh(self, item: Outgoing, i: int, now: float) -> None:
-        """The periodic update on interface ``i``: what changed since the last one, and
-        the summary of everything we advertise there."""
-        if self.leaving:
-            item.updates.extend(self.farewell())
-            return
-        dirty, self.adv_dirty[i] = self.adv_dirty[i], {}
-        dirty[self.sid] = None  # our own seqno may have moved by any path
-        for origin in dirty:
-            u = self._advertise(origin, now)
-            if u is None:
-                self._unadvertise(i, origin)
-            else:
-                self._put(item, i, u, False, True)
-        lg = summary_lg(len(self.adv[i]), self.iface_mtu(i))
-        item.summary = b"".join(d.to_bytes(DIGEST_LEN, "big") for d in fold(self.adv_dig[i], lg))
-
     def flush(self, now: float) -> list[Outgoing]:
-        """Everything due now: triggered updates, periodic refreshes, requests, unicast."""
+        """Everything due now: a full dump, triggered updates, requests, unicast items."""
         out: list[Outgoing] = []
-        per_iface: dict[int, Outgoing] = {}
-
-        def item(i: int) -> Outgoing:
-            it = per_iface.get(i)
-            if it is None:
-                it = per_iface[i] = Outgoing(None, ifaces=frozenset((i,)))
-            return it
-
-        if self.pending and now >= self.pending_at:
-            for origin in self.pending:
-                u = self._advertise(origin, now)
-                if u is None:
-                    continue
-                force = origin in self.pending_full
-                for i in range(self.n_ifaces):
-                    self._put(item(i), i, u, force, False)
-            self.pending.clear()
-            self.pending_full.clear()
-            self.pending_at = math.inf
-            self.counters["update.triggered"] += 1
-        due = [i for i, t in self.iface_next_dump.items() if now >= t]
-        for i in due:
+        linkwide = Outgoing(None)
+        own_dumps = [i for i, t in self.iface_next_dump.items() if now >= t]
+        for i in own_dumps:
             self.iface_next_dump[i] = now + self._jittered(self.iface_update_intervals[i])
-        if due:
+        if own_dumps:
+            out.append(Outgoing(None, self._dump_updates(now), ifaces=frozenset(own_dumps)))
             self.counters["update.dump"] += 1
+        if now >= self.next_dump and self.default_ifaces is not None:
+            # Dump the shared-schedule interfaces; pending triggered updates still
+            # go out below for the interfaces on their own schedule.
+            self.next_dump = now + self._jittered(self.update_interval)
+            if self.default_ifaces:
+                out.append(Outgoing(None, self._dump_updates(now), ifaces=self.default_ifaces))
+                self.counters["update.dump"] += 1
         if now >= self.next_dump:
             self.next_dump = now + self._jittered(self.update_interval)
-            shared = [i for i in range(self.n_ifaces) if i not in self.iface_update_intervals]
-            if shared:
-                due.extend(shared)
-                self.counters["update.dump"] += 1
-        for i in due:
-            self._refresh(item(i), i, now)
-        out.extend(per_iface.values())
-        linkwide = Outgoing(None)
+            linkwide.updates = self._dump_updates(now)
+            self.counters["update.dump"] += 1
+            self.pending.clear()
+            self.pending_at = math.inf
+        elif self.pending and now >= self.pending_at:
+            for origin in self.pending:
+                u = self._advertise(origin, now)
+                if u is not None:
+                    linkwide.updates.append(u)
+            self.pending.clear()
+            self.pending_at = math.inf
+            self.counters["update.triggered"] += 1
         for origin, req in list(self.requests_out.items()):
             if now < req.next_at:
                 continue
@@ -1343,7 +834,7 @@ class Router:
             req.next_at = now + self.request_timeout
             linkwide.requests.append(SeqnoRequest(origin, req.seqno, REQUEST_HOPS))
             self.counters["request.tx"] += 1
-        if linkwide.requests:
+        if linkwide.updates or linkwide.requests:
             out.append(linkwide)
         out.extend(self.unicast)
         self.unicast = []

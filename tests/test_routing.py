@@ -14,23 +14,16 @@ from meshpipe.errors import FrameError
 from meshpipe.identity import Identity
 from meshpipe.link.neighbours import INFINITY, Neighbour, NeighbourKey
 from meshpipe.routing import (
-    BUCKET_SHIFT,
-    COMPACT,
     MAX_HOPS,
-    N_BUCKETS,
-    PREFIX_LEN,
     SEQNO_MOD,
     Outgoing,
     Router,
     RoutingFrame,
     SeqnoRequest,
     Update,
-    compact_record,
     decode_routing,
     encode_routing,
-    fold,
     pack_routing,
-    record_hash,
     route_message,
     seqno_newer,
     sign_route,
@@ -110,17 +103,7 @@ def upd(seqno: int, metric: int, hops: int = 1, origin: Identity = ORIG) -> Upda
 
 
 def linkwide_updates(out: list[Outgoing]) -> list[Update]:
-    """Link-wide updates, signed or compact (these with the origin resolved from its
-    prefix among the test identities, and no signature)."""
-    known = {bytes(i.sid)[:PREFIX_LEN]: bytes(i.sid) for i in (ME, N1, N2, ORIG)}
-    got: list[Update] = []
-    for o in out:
-        if o.to is None:
-            got.extend(o.updates)
-            for rec in o.compact:
-                prefix, seqno, metric, hops, mtu = COMPACT.unpack(rec)
-                got.append(Update(known[prefix], seqno, metric, hops, b"", mtu))
-    return got
+    return [u for o in out if o.to is None for u in o.updates]
 
 
 def linkwide_requests(out: list[Outgoing]) -> list[SeqnoRequest]:
@@ -376,92 +359,15 @@ def test_request_answered_or_forwarded_towards_origin() -> None:
     assert h.counters["request.unroutable"] == 1
 
 
-def test_refresh_carries_changes_and_a_summary_link_up_the_whole_table() -> None:
+def test_full_dump_contains_own_selected_and_retractions() -> None:
     h = Harness()
     h.hear(K1, upd(5, 256))
     h.hear(K1, upd(3, 256, origin=N2))
     h.hear(K1, Update(bytes(N2.sid), 3, INFINITY, 0, sign_route(N2, 3)))
-    h.flush()  # triggered: ORIG and N2's retraction
+    h.flush()
     h.router.next_dump = 2.0
-    out = h.flush(2.0)
-    # The periodic refresh: only what changed since (our own route, never sent yet)...
-    got = {bytes(u.origin): (u.seqno, u.metric) for u in linkwide_updates(out)}
-    assert got == {bytes(ME.sid): (0, 0)}
+    dump = linkwide_updates(h.flush(2.0))
+    got = {bytes(u.origin): (u.seqno, u.metric) for u in dump}
+    assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 512), bytes(N2.sid): (3, INFINITY)}
     assert h.counters["update.dump"] == 1
     assert 2.0 + 4.0 * 0.9 <= h.router.next_dump <= 2.0 + 4.0
-    # ... and the summary of everything advertised: retractions count for nothing.
-    (summary,) = [o.summary for o in out if o.summary is not None]
-    digests: Counter[int] = Counter()
-    for origin, metric in ((ME.sid, 0), (ORIG.sid, 512)):
-        u = Update(bytes(origin), 5 if metric else 0, metric, 2 if metric else 0, b"")
-        digests[bytes(origin)[0] >> BUCKET_SHIFT] ^= record_hash(compact_record(u))
-    assert summary == b"".join(
-        d.to_bytes(8, "big") for d in fold([digests[b] for b in range(N_BUCKETS)], 0)
-    )
-    # Nothing changes: the next refresh is the summary alone.
-    h.router.next_dump = 3.0
-    out = h.flush(3.0)
-    assert linkwide_updates(out) == [] and [o.summary for o in out if o.summary] == [summary]
-    # A metric wobble (under 1/16, or 32) is not refreshed at all...
-    h.links[K1].cost = 270
-    h.router.link_changed(K1, 3.2)
-    h.router.next_dump = 3.4
-    assert linkwide_updates(h.flush(3.4)) == []
-    # ... a small change (no triggered update) rides the next refresh, compact.
-    h.links[K1].cost = 290
-    h.router.link_changed(K1, 3.5)
-    assert linkwide_updates(h.flush(3.5)) == []
-    h.router.next_dump = 4.0
-    out = h.flush(4.0)
-    assert [(u.origin, u.metric) for u in linkwide_updates(out)] == [(bytes(ORIG.sid), 546)]
-    assert all(o.updates == [] for o in out)  # signed already: compact
-    # A new neighbour gets the whole table at once, signed.
-    h.router.link_up(K2, 4.5)
-    (dump,) = [o for o in h.flush(4.5) if o.to == K2]
-    got = {bytes(u.origin): (u.seqno, u.metric) for u in dump.updates}
-    assert got == {bytes(ME.sid): (0, 0), bytes(ORIG.sid): (5, 546), bytes(N2.sid): (3, INFINITY)}
-    assert all(u.sig for u in dump.updates)
-
-
-def test_compact_update_needs_a_verified_signature() -> None:
-    """A compact update for an (origin, seqno) whose signature we do not hold verified
-    installs nothing: we ask the sender for the full signed update instead."""
-    h = Harness()
-    h.hear(K1, upd(5, 256))
-    rec = COMPACT.pack(bytes(ORIG.sid)[:PREFIX_LEN], 6, 0, 0, 1400)  # seqno 6: never seen
-    h.router.on_routing(K2, RoutingFrame(1, [], [], compact=(rec,)), 1.0)
-    assert all(e.seqno == 5 for e in h.router.entries[bytes(ORIG.sid)].values())
-    assert K2 not in h.router.entries[bytes(ORIG.sid)]
-    asks = [o.want_full for o in h.flush() if o.to == K2]
-    assert asks == [[(bytes(ORIG.sid)[:PREFIX_LEN], 6)]]
-    # An unknown prefix is asked for too; a known (origin, seqno) is taken compact.
-    stranger = Identity.from_seed(b"\x77" * 32)
-    rec2 = COMPACT.pack(bytes(stranger.sid)[:PREFIX_LEN], 1, 0, 0, 1400)
-    rec3 = COMPACT.pack(bytes(ORIG.sid)[:PREFIX_LEN], 5, 300, 1, 1400)
-    h.router.on_routing(K2, RoutingFrame(2, [], [], compact=(rec2, rec3)), 1.5)
-    assert bytes(stranger.sid) not in h.router.entries
-    assert h.router.entries[bytes(ORIG.sid)][K2].adv_metric == 300
-    assert h.counters["update.want_full"] == 2
-    # Asked again at once: not repeated within request_timeout.
-    h.router.on_routing(K2, RoutingFrame(3, [], [], compact=(rec,)), 1.6)
-    assert [o.want_full for o in h.flush(1.6) if o.to == K2] == [[(rec2[:PREFIX_LEN], 1)]]
-    assert h.counters["update.want_full"] == 2
-
-
-def test_want_full_and_bucket_requests_are_answered() -> None:
-    h = Harness()
-    h.hear(K1, upd(5, 256))
-    h.flush()  # ORIG advertised, signed
-    prefix = bytes(ORIG.sid)[:PREFIX_LEN]
-    h.router.on_routing(K2, RoutingFrame(1, [], [], want_full=((prefix, 5),)), 2.0)
-    (ans,) = [o for o in h.flush(2.0) if o.to == K2]
-    assert [(u.origin, u.seqno, u.metric) for u in ans.updates] == [(bytes(ORIG.sid), 5, 512)]
-    assert ans.updates[0].sig == sign_route(ORIG, 5)
-    # Once per request_timeout per origin and neighbour.
-    h.router.on_routing(K2, RoutingFrame(2, [], [], want_full=((prefix, 5),)), 2.5)
-    assert [o for o in h.flush(2.5) if o.to == K2] == []
-    # All buckets (one coarse bucket): every advertised entry again, compact.
-    h.router.on_routing(K2, RoutingFrame(3, [], [], want=(0, 1)), 3.0)
-    (ans,) = [o for o in h.flush(3.0) if o.to == K2]
-    assert sorted(COMPACT.unpack(r)[0] for r in ans.compact) == [prefix]
-    assert h.counters["refresh.want_answered"] == 1
