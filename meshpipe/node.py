@@ -292,7 +292,7 @@ class NodeCore:
                 return []
             frame = bytes(frame)
             kind = wire.frame_kind(frame)
-            if kind == wire.KIND_HELLO:
+            if kind == wire.KIND_HELLO or kind == wire.KIND_HELLO_COPY:
                 self._on_hello(iface, src, frame, now, out)
             elif kind == wire.KIND_ROUTING:
                 self._on_routing(iface, src, frame, now)
@@ -340,7 +340,7 @@ class NodeCore:
                 jitter = self.timing.jitter * self.rng.random()
                 self._next_hello[i] = now + interval * (1.0 - jitter)
                 for f in self.links.build_hello(i, now, p.mtu):
-                    out.extend(self._link_wide(i, f))
+                    out.extend(self._link_wide(i, f, copy_kind=wire.KIND_HELLO_COPY))
                     self.counters["hello.tx"] += 1
         self.router.tick(now)
         return self._finish(now, out)
@@ -464,14 +464,17 @@ class NodeCore:
         self.router.neighbour_lost(nb.key, now)
         self._dirty[bytes(nb.sid)] = None
 
-    def _link_wide(self, iface: int, frame: bytes) -> list[Action]:
-        """One link-wide frame as SendFrames (see InterfaceParams.flood_dest)."""
+    def _link_wide(self, iface: int, frame: bytes, copy_kind: int | None = None) -> list[Action]:
+        """One link-wide frame as SendFrames (see InterfaceParams.flood_dest); with
+        ``copy_kind``, the unicast copies beside a multicast one carry that kind."""
         p = self.interfaces[iface]
         out: list[Action] = []
         if p.flood_dest is not None:
             out.append(SendFrame(iface, p.flood_dest, frame))
             if p.flood_dest == BROADCAST:
                 return out
+            if copy_kind is not None:
+                frame = wire.kind_byte(copy_kind) + frame[1:]
         targets: dict[LinkAddr, None] = dict.fromkeys(p.static_peers)
         for nb in self.links.on_iface(iface):
             targets[nb.addr] = None

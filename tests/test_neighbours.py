@@ -40,7 +40,9 @@ def sends(actions: Sequence[object]) -> list[SendFrame]:
 
 
 def hellos(actions: Sequence[object]) -> list[SendFrame]:
-    return [s for s in sends(actions) if s.frame[0] & 0x0F == wire.KIND_HELLO]
+    """Hello frames sent, multicast ones and their unicast copies."""
+    kinds = (wire.KIND_HELLO, wire.KIND_HELLO_COPY)
+    return [s for s in sends(actions) if s.frame[0] & 0x0F in kinds]
 
 
 def events(actions: Sequence[object], name: str) -> list[Event]:
@@ -348,6 +350,36 @@ def test_flooding_multicast_adds_static_peers_and_known_neighbours() -> None:
     a.on_frame(0, ("198.18.0.3", 7700), hello_b, 1.1)
     later = hellos(a.on_timer(2.5))
     assert [s.dest for s in later] == [MULTICAST, ("198.18.0.2", 7700), ("198.18.0.3", 7700)]
+    # The copies say they are copies, and carry the multicast hello's body and signature.
+    assert [s.frame[0] & 0x0F for s in later] == [wire.KIND_HELLO] + [wire.KIND_HELLO_COPY] * 2
+    assert {s.frame[1:] for s in later} == {later[0].frame[1:]}
+
+
+def test_unicast_copies_do_not_hide_multicast_loss() -> None:
+    """A neighbour whose multicast hellos lose 60 % while every unicast copy arrives
+    has the loss of one frame per hello in its cost, not of the better of two; one
+    heard by its copies alone (it does not hear our group) counts the copies."""
+    rng = random.Random(7)
+    a = core(A, flood_dest=MULTICAST)
+    b = core(B, flood_dest=MULTICAST, static_peers=(("198.18.0.1", 7700),))
+    only_copies = core(C, flood_dest=MULTICAST, static_peers=(("198.18.0.1", 7700),))
+    now = 0.0
+    for _ in range(64):
+        now += 1.0
+        for sender, addr in ((b, ("198.18.0.2", 7700)), (only_copies, ("198.18.0.3", 7700))):
+            for s in hellos(sender.on_timer(now)):
+                if s.frame[0] & 0x0F == wire.KIND_HELLO_COPY:
+                    lost = False  # every unicast copy arrives
+                elif sender is only_copies:
+                    lost = True  # C's multicast never reaches A
+                else:
+                    lost = rng.random() < 0.6
+                if not lost:
+                    a.on_frame(0, addr, s.frame, now + 0.001)
+        a.on_timer(now + 0.5)
+    by_sid = {bytes(nb.sid): nb for nb in a.links.on_iface(0)}
+    assert 0.2 <= by_sid[bytes(B.sid)].p_in <= 0.6
+    assert by_sid[bytes(C.sid)].p_in >= 0.8
 
 
 def test_flooding_unicast_only_and_broadcast() -> None:

@@ -119,6 +119,7 @@ class SignedHello:
     hello: Hello
     body: bytes
     signature: bytes
+    copy: bool = False  # a unicast copy of a multicast hello (KIND_HELLO_COPY)
 
     def verify(self) -> bool:
         return self.hello.sid.verify(HELLO_DOMAIN + self.body, self.signature)
@@ -167,7 +168,8 @@ def _encode_part(identity: Identity, hello: Hello, ihus: list[Ihu]) -> bytes:
 
 def decode_hello(frame: bytes) -> SignedHello:
     """Parse and strictly validate a hello frame (the signature is checked separately)."""
-    if wire.frame_kind(frame) != wire.KIND_HELLO:
+    kind = wire.frame_kind(frame)
+    if kind != wire.KIND_HELLO and kind != wire.KIND_HELLO_COPY:
         raise FrameError("not a hello frame")
     outer = wire.expect_record(wire.decode_control(frame), 2, "hello")
     body, sig = outer
@@ -192,7 +194,8 @@ def decode_hello(frame: bytes) -> SignedHello:
                 hold_us=wire.expect_int(item[4], 0, TS_MOD - 1, "ihu hold"),
             )
         )
-    return SignedHello(Hello(sid, epoch, seqno, ts, interval, tuple(ihus)), body, sig)
+    hello = Hello(sid, epoch, seqno, ts, interval, tuple(ihus))
+    return SignedHello(hello, body, sig, kind == wire.KIND_HELLO_COPY)
 
 
 @dataclass(eq=False)
@@ -217,6 +220,7 @@ class Neighbour:
     ihu_at: float = -math.inf
     srtt_ms: float | None = None
     cost: int = INFINITY
+    multicast_at: float = -math.inf  # when a multicast hello (not a copy) was last heard
 
     @property
     def key(self) -> NeighbourKey:
@@ -407,6 +411,7 @@ class NeighbourTable:
                     return None
                 del self.tombstones[(bytes(h.sid), h.epoch)]
             nb = _new_neighbour(iface, src, h, now)
+            counted = True
             if tomb is not None:
                 tomb.resume(nb, h.seqno, now)
             self.by_key[key] = nb
@@ -421,15 +426,32 @@ class NeighbourTable:
             # replay or a reordered straggler, and must not keep a dead link alive.
             if gap >= HELLO_SEQNO_MOD // 2 or (gap == 0 and now - nb.seq_at > nb.interval / 2):
                 return None
-            nb.record_seqno(h.seqno, now)
+            # While we hear this neighbour's multicast hellos the history counts those
+            # only (one frame per hello, as data frames are sent); a unicast copy is
+            # then a sign of life and an IHU, not a second chance for the hello.
+            counted = not (signed.copy and now - nb.multicast_at <= HISTORY_LEN * nb.interval)
+            if counted:
+                nb.record_seqno(h.seqno, now)
+        if not signed.copy:
+            nb.multicast_at = now
         result = HelloResult(
             neighbour=nb, new=new and not restarted, restarted=restarted, replaced=replaced
         )
-        nb.interval = h.interval_ms / 1000.0
         nb.last_heard = now
-        nb.their_ts = h.timestamp
-        nb.their_ts_at = now
-        nb.expect_at = now + 1.5 * nb.interval
+        if counted:
+            nb.interval = h.interval_ms / 1000.0
+            nb.their_ts = h.timestamp
+            nb.their_ts_at = now
+            nb.expect_at = now + 1.5 * nb.interval
+        self._read_ihus(nb, h, now)
+        old = nb.cost
+        nb.cost = nb.compute_cost()
+        result.cost_changed = nb.cost != old or new
+        result.became_usable = nb.cost < INFINITY and (old >= INFINITY or new)
+        return result
+
+    def _read_ihus(self, nb: Neighbour, h: Hello, now: float) -> None:
+        """Take our transmit quality and an RTT sample from the IHU about us."""
         for ihu in h.ihus:
             if ihu.sid == self.sid and ihu.epoch == self.epoch:
                 nb.txq = ihu.rxq
@@ -439,12 +461,7 @@ class NeighbourTable:
                     sample = rtt_us / 1000.0
                     srtt = nb.srtt_ms
                     nb.srtt_ms = sample if srtt is None else srtt + (sample - srtt) / 8
-                break
-        old = nb.cost
-        nb.cost = nb.compute_cost()
-        result.cost_changed = nb.cost != old or new
-        result.became_usable = nb.cost < INFINITY and (old >= INFINITY or new)
-        return result
+                return
 
     # -- time ------------------------------------------------------------------------
 
